@@ -1,0 +1,314 @@
+"""The one place in xpdiff that knows which array library is underneath.
+
+Everything else in the package is written against the array-API namespace of
+its inputs (``xp = get_namespace(x)``).  What the standard lacks lives here:
+
+* choosing the default backend (``set_backend`` / ``XPDIFF_BACKEND``),
+* moving arrays between libraries and to NumPy,
+* sliding-window views for im2col (stride tricks on NumPy/CuPy, ``as_strided``
+  on PyTorch, a portable slice loop for any other namespace),
+* seeded random numbers with a saveable state.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+__all__ = [
+    "Generator",
+    "asarray",
+    "available_backends",
+    "default_namespace",
+    "device",
+    "get_backend",
+    "get_namespace",
+    "is_numpy_namespace",
+    "library_name",
+    "set_backend",
+    "sliding_windows",
+    "to_namespace",
+    "to_numpy",
+]
+
+_BACKENDS = ("numpy", "cupy")
+_backend: str | None = None
+
+
+# ---------------------------------------------------------------------------
+# namespaces
+# ---------------------------------------------------------------------------
+def get_namespace(*arrays: Any, where: str = "xpdiff") -> Any:
+    """Array-API namespace shared by ``arrays`` (``None`` entries are skipped).
+
+    Raises:
+        TypeError: when the arrays come from different libraries, or an entry
+            is not an array; the message names ``where`` and what came.
+    """
+    arrs = [a for a in arrays if a is not None]
+    if not arrs:
+        return default_namespace()
+    try:
+        return array_api_compat.array_namespace(*arrs)
+    except TypeError as err:
+        kinds = sorted({f"{type(a).__module__}.{type(a).__name__}" for a in arrs})
+        raise TypeError(
+            f"{where}: expected arrays of one array library, got {', '.join(kinds)}"
+        ) from err
+
+
+def library_name(xp: Any) -> str:
+    """Short name of the library behind a namespace: numpy, cupy, torch, array_api_strict, ..."""
+    if array_api_compat.is_numpy_namespace(xp):
+        return "numpy"
+    if array_api_compat.is_cupy_namespace(xp):
+        return "cupy"
+    if array_api_compat.is_torch_namespace(xp):
+        return "torch"
+    if array_api_compat.is_array_api_strict_namespace(xp):
+        return "array_api_strict"
+    return getattr(xp, "__name__", repr(xp))
+
+
+def is_numpy_namespace(xp: Any) -> bool:
+    return array_api_compat.is_numpy_namespace(xp)
+
+
+def device(x: Any) -> Any:
+    """Device of an array, in the standard's sense."""
+    return array_api_compat.device(x)
+
+
+def available_backends() -> list[str]:
+    """Backends usable on this machine (cupy only with a working CUDA device)."""
+    out = ["numpy"]
+    if cupy_available():
+        out.append("cupy")
+    return out
+
+
+def cupy_available() -> bool:
+    """True when CuPy imports and sees a CUDA device."""
+    return cupy_status()[0]
+
+
+def cupy_status() -> tuple[bool, str]:
+    """(usable, reason): whether CuPy can run array operations here, and why not."""
+    try:
+        import cupy
+    except Exception as err:  # ImportError, or a broken CUDA install
+        return False, f"cupy is not importable ({type(err).__name__}: {err})"
+    try:
+        if not cupy.cuda.is_available():
+            return False, "cupy imports but cupy.cuda.is_available() is False (no CUDA device)"
+    except Exception as err:
+        return False, f"cupy.cuda.is_available() failed ({type(err).__name__}: {err})"
+    return True, "cupy with a CUDA device"
+
+
+def set_backend(name: str) -> None:
+    """Choose the default backend for arrays xpdiff creates: ``"numpy"`` or ``"cupy"``."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"set_backend: expected one of {_BACKENDS}, got {name!r}")
+    if name == "cupy":
+        ok, why = cupy_status()
+        if not ok:
+            raise RuntimeError(f"set_backend('cupy'): {why}")
+    _backend = name
+
+
+def get_backend() -> str:
+    """Name of the default backend (``set_backend``, else ``$XPDIFF_BACKEND``, else numpy)."""
+    if _backend is not None:
+        return _backend
+    name = os.environ.get("XPDIFF_BACKEND", "numpy")
+    if name not in _BACKENDS:
+        raise ValueError(f"XPDIFF_BACKEND: expected one of {_BACKENDS}, got {name!r}")
+    return name
+
+
+def namespace_for(name: str) -> Any:
+    """Array-API namespace for a backend or test library name."""
+    if name == "numpy":
+        import array_api_compat.numpy as xp
+    elif name == "cupy":
+        ok, why = cupy_status()
+        if not ok:
+            raise RuntimeError(f"backend 'cupy' unavailable: {why}")
+        import array_api_compat.cupy as xp
+    elif name == "torch":
+        import array_api_compat.torch as xp
+    elif name == "array_api_strict":
+        import array_api_strict as xp
+    else:
+        raise ValueError(
+            f"namespace_for: expected numpy, cupy, torch or array_api_strict, got {name!r}"
+        )
+    return xp
+
+
+def default_namespace() -> Any:
+    """Namespace of the default backend."""
+    return namespace_for(get_backend())
+
+
+# ---------------------------------------------------------------------------
+# moving data
+# ---------------------------------------------------------------------------
+def to_numpy(x: Any) -> np.ndarray:
+    """A NumPy copy (or view) of any supported array, on the host."""
+    if isinstance(x, np.ndarray):
+        return x
+    if array_api_compat.is_cupy_array(x):
+        return x.get()
+    if array_api_compat.is_torch_array(x):
+        return x.detach().cpu().numpy()
+    if isinstance(x, (int, float, list, tuple, np.generic)):
+        return np.asarray(x)
+    # array_api_strict and other DLPack-capable arrays
+    try:
+        return np.from_dlpack(x)
+    except Exception:
+        return np.asarray(x)
+
+
+def asarray(data: Any, xp: Any = None, *, dtype: Any = None, device: Any = None) -> Any:
+    """``data`` (array of any library, NumPy array, or nested lists) as an array of ``xp``."""
+    xp = default_namespace() if xp is None else xp
+    name = library_name(xp)
+    host = data if isinstance(data, (int, float, list, tuple)) else to_numpy(data)
+    if name == "numpy":
+        out = np.asarray(host)
+        return out if dtype is None else out.astype(dtype, copy=False)
+    if name == "cupy":
+        import cupy
+
+        if device is None:
+            return cupy.asarray(host, dtype=dtype)
+        with device:
+            return cupy.asarray(host, dtype=dtype)
+    if name == "torch":
+        import torch
+
+        t = torch.from_numpy(np.ascontiguousarray(host))
+        return t.to(device=device, dtype=dtype) if (device or dtype) else t
+    if device is None:
+        return xp.asarray(host, dtype=dtype)
+    return xp.asarray(host, dtype=dtype, device=device)
+
+
+def to_namespace(x: Any, xp: Any, device: Any = None) -> Any:
+    """Move array ``x`` to namespace ``xp`` keeping its dtype."""
+    if get_namespace(x) is xp and device is None:
+        return x
+    host = to_numpy(x)
+    return asarray(host, xp, dtype=_dtype_in(xp, host.dtype), device=device)
+
+
+def _dtype_in(xp: Any, np_dtype: np.dtype) -> Any:
+    name = np.dtype(np_dtype).name
+    return getattr(xp, name, None) or getattr(xp, "bool")
+
+
+def dtype_name(dtype: Any) -> str:
+    """Library-independent dtype name, e.g. ``"float32"``."""
+    s = str(dtype)
+    return s.rsplit(".", 1)[-1].replace("'>", "").replace("dtype('", "").replace("')", "")
+
+
+# ---------------------------------------------------------------------------
+# sliding windows (im2col support)
+# ---------------------------------------------------------------------------
+def sliding_windows(x: Any, kh: int, kw: int, stride: int = 1) -> Any:
+    """Windows of a (B, C, H, W) array as a (B, C, Ho, Wo, kh, kw) array.
+
+    ``Ho = (H - kh) // stride + 1`` and likewise ``Wo``.  NumPy and CuPy get a
+    zero-copy strided view, PyTorch ``as_strided``; any other namespace gets the
+    same values built from kh*kw strided slices (a copy).
+    """
+    B, C, H, W = x.shape
+    Ho = (H - kh) // stride + 1
+    Wo = (W - kw) // stride + 1
+    if array_api_compat.is_numpy_array(x):
+        s = x.strides
+        return np.lib.stride_tricks.as_strided(
+            x,
+            (B, C, Ho, Wo, kh, kw),
+            (s[0], s[1], s[2] * stride, s[3] * stride, s[2], s[3]),
+            writeable=False,
+        )
+    if array_api_compat.is_cupy_array(x):
+        import cupy
+
+        s = x.strides
+        return cupy.lib.stride_tricks.as_strided(
+            x, (B, C, Ho, Wo, kh, kw), (s[0], s[1], s[2] * stride, s[3] * stride, s[2], s[3])
+        )
+    if array_api_compat.is_torch_array(x):
+        s = x.stride()
+        return x.as_strided(
+            (B, C, Ho, Wo, kh, kw),
+            (s[0], s[1], s[2] * stride, s[3] * stride, s[2], s[3]),
+            x.storage_offset(),
+        )
+    xp = get_namespace(x)
+    rows = []
+    for i in range(kh):
+        cols = [
+            x[:, :, i : i + stride * (Ho - 1) + 1 : stride, j : j + stride * (Wo - 1) + 1 : stride]
+            for j in range(kw)
+        ]
+        rows.append(xp.stack(cols, axis=-1))
+    return xp.stack(rows, axis=-2)
+
+
+# ---------------------------------------------------------------------------
+# random numbers
+# ---------------------------------------------------------------------------
+class Generator:
+    """Seeded random numbers for one namespace, with a state that can be saved.
+
+    Numbers are drawn on the host by a NumPy ``Generator`` (PCG64) and moved to
+    the target namespace and device.  So one seed gives the same stream on
+    NumPy, CuPy, torch and array_api_strict, and the state goes into a
+    checkpoint as JSON whatever the backend.  The draws are small next to a
+    UNet step (one noise tensor per batch), so the copy costs little.
+    """
+
+    def __init__(self, seed: int | None = None, xp: Any = None, device: Any = None):
+        self.xp = default_namespace() if xp is None else xp
+        self.device = device
+        self._native = library_name(self.xp) == "numpy"
+        self._gen = np.random.default_rng(seed)
+
+    def _out(self, a: np.ndarray) -> Any:
+        return a if self._native else asarray(a, self.xp, device=self.device)
+
+    def normal(self, shape: tuple[int, ...], dtype: Any = None) -> Any:
+        """Standard normal samples of ``shape`` (float32 unless ``dtype``)."""
+        name = dtype_name(dtype) if dtype is not None else "float32"
+        return self._out(self._gen.standard_normal(shape, dtype=name))
+
+    def uniform(self, shape: tuple[int, ...], dtype: Any = None) -> Any:
+        """Uniform samples in [0, 1) (float32 unless ``dtype``)."""
+        name = dtype_name(dtype) if dtype is not None else "float32"
+        return self._out(self._gen.random(shape, dtype=name))
+
+    def integers(self, low: int, high: int, shape: tuple[int, ...]) -> Any:
+        """Integers in [low, high) as int64."""
+        return self._out(self._gen.integers(low, high, size=shape, dtype=np.int64))
+
+    def permutation(self, n: int) -> Any:
+        """A random permutation of ``range(n)`` as int64."""
+        return self._out(self._gen.permutation(n).astype(np.int64))
+
+    def get_state(self) -> dict:
+        """JSON-serialisable state; restore it with ``set_state``."""
+        return self._gen.bit_generator.state
+
+    def set_state(self, state: dict) -> None:
+        self._gen.bit_generator.state = state
