@@ -1,0 +1,29 @@
+"""Affine map over the last axis: ``y = x @ w.T + b`` with ``w`` (out, in)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import backend
+
+__all__ = ["linear_backward", "linear_forward"]
+
+
+def linear_forward(x: Any, w: Any, b: Any | None) -> tuple[Any, tuple]:
+    """x (..., in), w (out, in), b (out,) or None -> y (..., out); cache ``(x, w)``."""
+    y = x @ w.T
+    if b is not None:
+        y = y + b
+    return y, (x, w, b is not None)
+
+
+def linear_backward(cache: tuple, gy: Any) -> tuple[Any, Any, Any | None]:
+    """Gradients ``(gx, gw, gb)`` for output gradient ``gy`` (..., out)."""
+    x, w, has_bias = cache
+    xp = backend.get_namespace(gy, w)
+    g2 = xp.reshape(gy, (-1, w.shape[0]))
+    x2 = xp.reshape(x, (-1, w.shape[1]))
+    gw = g2.T @ x2
+    gb = xp.sum(g2, axis=0) if has_bias else None
+    gx = gy @ w
+    return gx, gw, gb

@@ -1,0 +1,246 @@
+"""Composite layers of diffusers' UNet: embeddings, attention, resampling, residual blocks.
+
+Names of children are diffusers' (``time_embedding.linear_1``, ``attentions.0.to_q``,
+``upsamplers.0.conv``, ``resnets.0.norm1``...) so state dicts exchange 1:1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .. import backend
+from ..functional import attention as fatt
+from ..functional import resampling as frs
+from ..functional.embeddings import timestep_embedding
+from ._checks import check_input
+from .layers import Conv2d, Dropout, GroupNorm, Identity, Linear, SiLU
+from .module import Module, ModuleList
+
+__all__ = [
+    "Attention",
+    "Downsample2D",
+    "ResnetBlock2D",
+    "TimestepEmbedding",
+    "Timesteps",
+    "Upsample2D",
+]
+
+
+class Timesteps(Module):
+    """Sinusoidal embedding (N, num_channels) of integer or float timesteps (N,).
+
+    It has no parameters and its input needs no gradient: ``backward`` returns None.
+    """
+
+    def __init__(self, num_channels: int, flip_sin_to_cos: bool, downscale_freq_shift: float):
+        super().__init__()
+        self.num_channels = num_channels
+        self.flip_sin_to_cos = flip_sin_to_cos
+        self.downscale_freq_shift = downscale_freq_shift
+
+    def forward(self, timesteps: Any, dtype: Any = None) -> Any:
+        check_input("Timesteps", timesteps, ndim=1, layout="(N,)")
+        return timestep_embedding(
+            timesteps, self.num_channels, self.flip_sin_to_cos, self.downscale_freq_shift,
+            dtype=dtype,
+        )
+
+    def backward(self, grad_output: Any) -> None:
+        return None
+
+
+class TimestepEmbedding(Module):
+    """``linear_2(silu(linear_1(x)))``: (N, in_channels) -> (N, time_embed_dim)."""
+
+    def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str = "silu", *,
+                 dtype: str = "float32", xp: Any = None):
+        super().__init__()
+        if act_fn != "silu":
+            raise ValueError(f"TimestepEmbedding: only act_fn='silu' is supported, got {act_fn!r}")
+        self.linear_1 = Linear(in_channels, time_embed_dim, dtype=dtype, xp=xp)
+        self.act = SiLU()
+        self.linear_2 = Linear(time_embed_dim, time_embed_dim, dtype=dtype, xp=xp)
+
+    def forward(self, x: Any) -> Any:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+    def backward(self, grad_output: Any) -> Any:
+        return self.linear_1.backward(self.act.backward(self.linear_2.backward(grad_output)))
+
+
+class Attention(Module):
+    """Spatial self-attention with a residual connection, as diffusers' UNet blocks use it.
+
+    x (B, C, H, W) -> group_norm -> tokens (B, H*W, C) -> to_q/to_k/to_v (C -> heads*d)
+    -> softmax(q k^T / sqrt(d)) v per head -> to_out.0 (heads*d -> C) -> back to
+    (B, C, H, W) -> ``(out + x) / rescale_output_factor``.
+    """
+
+    def __init__(
+        self, query_dim: int, heads: int = 8, dim_head: int = 64, *,
+        rescale_output_factor: float = 1.0, eps: float = 1e-5, norm_num_groups: int | None = 32,
+        residual_connection: bool = True, bias: bool = True,
+        dtype: str = "float32", xp: Any = None,
+    ):
+        super().__init__()
+        inner = heads * dim_head
+        self.query_dim, self.heads, self.dim_head = query_dim, heads, dim_head
+        self.rescale_output_factor = rescale_output_factor
+        self.residual_connection = residual_connection
+        self.scale = 1.0 / math.sqrt(dim_head)
+        self.group_norm = (
+            GroupNorm(norm_num_groups, query_dim, eps=eps, dtype=dtype, xp=xp)
+            if norm_num_groups is not None else None
+        )
+        self.to_q = Linear(query_dim, inner, bias=bias, dtype=dtype, xp=xp)
+        self.to_k = Linear(query_dim, inner, bias=bias, dtype=dtype, xp=xp)
+        self.to_v = Linear(query_dim, inner, bias=bias, dtype=dtype, xp=xp)
+        self.to_out = ModuleList([Linear(inner, query_dim, bias=True, dtype=dtype, xp=xp),
+                                  Dropout(0.0)])
+
+    def _split(self, xp: Any, t: Any) -> Any:
+        B, N, _ = t.shape
+        return xp.permute_dims(xp.reshape(t, (B, N, self.heads, self.dim_head)), (0, 2, 1, 3))
+
+    def _merge(self, xp: Any, t: Any) -> Any:
+        B, h, N, d = t.shape
+        return xp.reshape(xp.permute_dims(t, (0, 2, 1, 3)), (B, N, h * d))
+
+    def forward(self, x: Any) -> Any:
+        where = f"Attention({self.query_dim} channels, {self.heads} heads)"
+        xp = check_input(where, x, like=self.to_q.weight.data, ndim=4, size=self.query_dim,
+                         layout="(B, C, H, W)")
+        B, C, H, W = x.shape
+        h = self.group_norm(x) if self.group_norm is not None else x
+        tokens = xp.permute_dims(xp.reshape(h, (B, C, H * W)), (0, 2, 1))
+        q = self._split(xp, self.to_q(tokens))
+        k = self._split(xp, self.to_k(tokens))
+        v = self._split(xp, self.to_v(tokens))
+        o, cache = fatt.sdpa_forward(q, k, v, self.scale)
+        self._save(cache)
+        out = self.to_out[0](self._merge(xp, o))  # (B, HW, C)
+        out = xp.reshape(xp.permute_dims(out, (0, 2, 1)), (B, C, H, W))
+        if self.residual_connection:
+            out = out + x
+        return out / self.rescale_output_factor
+
+    def backward(self, grad_output: Any) -> Any:
+        xp = backend.get_namespace(grad_output)
+        cache = self._take()
+        B, C, H, W = grad_output.shape
+        g = grad_output / self.rescale_output_factor
+        gout = xp.permute_dims(xp.reshape(g, (B, C, H * W)), (0, 2, 1))
+        go = self._split(xp, self.to_out[0].backward(gout))
+        gq, gk, gv = fatt.sdpa_backward(cache, go)
+        gt = self.to_q.backward(self._merge(xp, gq))
+        gt = gt + self.to_k.backward(self._merge(xp, gk))
+        gt = gt + self.to_v.backward(self._merge(xp, gv))
+        gh = xp.reshape(xp.permute_dims(gt, (0, 2, 1)), (B, C, H, W))
+        gx = self.group_norm.backward(gh) if self.group_norm is not None else gh
+        return gx + g if self.residual_connection else gx
+
+
+class Upsample2D(Module):
+    """Nearest upsampling x2 (or to an explicit ``output_size``) followed by a 3x3 conv."""
+
+    def __init__(self, channels: int, use_conv: bool = True, out_channels: int | None = None, *,
+                 dtype: str = "float32", xp: Any = None):
+        super().__init__()
+        self.channels = channels
+        out_channels = out_channels or channels
+        self.conv = (Conv2d(channels, out_channels, 3, padding=1, dtype=dtype, xp=xp)
+                     if use_conv else None)
+
+    def forward(self, x: Any, output_size: tuple[int, int] | None = None) -> Any:
+        check_input(f"Upsample2D({self.channels})", x, ndim=4, size=self.channels,
+                    layout="(B, C, H, W)")
+        size = output_size or (2 * x.shape[2], 2 * x.shape[3])
+        y, cache = frs.upsample_nearest_forward(x, tuple(size))
+        self._save(cache)
+        return self.conv(y) if self.conv is not None else y
+
+    def backward(self, grad_output: Any) -> Any:
+        g = self.conv.backward(grad_output) if self.conv is not None else grad_output
+        return frs.upsample_nearest_backward(self._take(), g)
+
+
+class Downsample2D(Module):
+    """3x3 convolution with stride 2 and padding 1: (B, C, H, W) -> (B, O, ceil(H/2), ceil(W/2))."""
+
+    def __init__(self, channels: int, use_conv: bool = True, out_channels: int | None = None,
+                 padding: int = 1, *, dtype: str = "float32", xp: Any = None):
+        super().__init__()
+        if not use_conv:
+            raise ValueError("Downsample2D: only use_conv=True (a strided conv) is supported")
+        if padding != 1:
+            raise ValueError(f"Downsample2D: only padding=1 is supported, got padding={padding}")
+        self.conv = Conv2d(channels, out_channels or channels, 3, stride=2, padding=1,
+                           dtype=dtype, xp=xp)
+
+    def forward(self, x: Any) -> Any:
+        return self.conv(x)
+
+    def backward(self, grad_output: Any) -> Any:
+        return self.conv.backward(grad_output)
+
+
+class ResnetBlock2D(Module):
+    """diffusers' residual block with a time embedding (``time_embedding_norm="default"``).
+
+    h = conv1(silu(norm1(x))) + time_emb_proj(silu(temb))[:, :, None, None]
+    h = conv2(silu(norm2(h)));  out = (shortcut(x) + h) / output_scale_factor
+    where shortcut is a 1x1 ``conv_shortcut`` when the channel count changes.
+
+    ``forward(x, temb)`` with x (B, C, H, W) and temb (B, temb_channels);
+    ``backward(g)`` returns ``(gx, gtemb)``.
+    """
+
+    def __init__(
+        self, *, in_channels: int, out_channels: int | None = None, temb_channels: int | None = 512,
+        groups: int = 32, groups_out: int | None = None, eps: float = 1e-6,
+        non_linearity: str = "silu", output_scale_factor: float = 1.0, dropout: float = 0.0,
+        dtype: str = "float32", xp: Any = None,
+    ):
+        super().__init__()
+        if non_linearity != "silu":
+            raise ValueError(
+                f"ResnetBlock2D: only non_linearity='silu' is supported, got {non_linearity!r}"
+            )
+        out_channels = out_channels or in_channels
+        groups_out = groups_out or groups
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.output_scale_factor = output_scale_factor
+        kw = {"dtype": dtype, "xp": xp}
+        self.norm1 = GroupNorm(groups, in_channels, eps=eps, **kw)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1, **kw)
+        self.time_emb_proj = Linear(temb_channels, out_channels, **kw) if temb_channels else None
+        self.norm2 = GroupNorm(groups_out, out_channels, eps=eps, **kw)
+        self.dropout = Dropout(dropout)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1, **kw)
+        self._act1, self._act_t, self._act2 = SiLU(), SiLU(), SiLU()
+        self.conv_shortcut = (Conv2d(in_channels, out_channels, 1, **kw)
+                              if in_channels != out_channels else None)
+
+    def forward(self, x: Any, temb: Any | None) -> Any:
+        h = self.conv1(self._act1(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            if temb is None:
+                raise ValueError("ResnetBlock2D: this block has time_emb_proj; temb is required")
+            t = self.time_emb_proj(self._act_t(temb))
+            h = h + t[:, :, None, None]
+        h = self.conv2(self.dropout(self._act2(self.norm2(h))))
+        sc = self.conv_shortcut(x) if self.conv_shortcut is not None else x
+        return (sc + h) / self.output_scale_factor
+
+    def backward(self, grad_output: Any) -> tuple[Any, Any | None]:
+        xp = backend.get_namespace(grad_output)
+        g = grad_output / self.output_scale_factor
+        gsc = self.conv_shortcut.backward(g) if self.conv_shortcut is not None else g
+        gh = self.norm2.backward(self._act2.backward(self.dropout.backward(self.conv2.backward(g))))
+        gtemb = None
+        if self.time_emb_proj is not None:
+            gt = xp.sum(gh, axis=(2, 3))
+            gtemb = self._act_t.backward(self.time_emb_proj.backward(gt))
+        gx = self.norm1.backward(self._act1.backward(self.conv1.backward(gh)))
+        return gx + gsc, gtemb

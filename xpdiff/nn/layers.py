@@ -1,0 +1,241 @@
+"""Basic layers: Linear, Conv2d, GroupNorm, SiLU, ReLU, Embedding, Identity, Dropout.
+
+Weights are laid out as in diffusers/PyTorch: Linear (out, in), Conv2d
+(O, C, kh, kw), GroupNorm (C,), Embedding (num, dim).  Every ``backward``
+returns the input gradient and ADDS into ``Parameter.grad``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .. import backend
+from ..functional import activations as fa
+from ..functional import conv as fc
+from ..functional import embeddings as fe
+from ..functional import linear as fl
+from ..functional import norm as fn
+from ..functional.losses import mse_loss
+from . import init
+from ._checks import check_input
+from .module import Module, Parameter
+
+__all__ = [
+    "Conv2d",
+    "Dropout",
+    "Embedding",
+    "GroupNorm",
+    "Identity",
+    "Linear",
+    "ReLU",
+    "SiLU",
+    "MSELoss",
+]
+
+
+class Linear(Module):
+    """``y = x @ weight.T + bias`` over the last axis; x (..., in) -> (..., out)."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, *,
+        dtype: str = "float32", xp: Any = None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        bound = 1.0 / math.sqrt(in_features)
+        self.weight = Parameter(init.uniform((out_features, in_features), bound, dtype, xp))
+        self.bias = Parameter(init.uniform((out_features,), bound, dtype, xp)) if bias else None
+
+    def forward(self, x: Any) -> Any:
+        check_input(
+            f"Linear({self.in_features}->{self.out_features})", x, like=self.weight.data,
+            axis=-1, size=self.in_features,
+        )
+        y, cache = fl.linear_forward(x, self.weight.data, self.bias.data if self.bias else None)
+        self._save(cache)
+        return y
+
+    def backward(self, grad_output: Any) -> Any:
+        gx, gw, gb = fl.linear_backward(self._take(), grad_output)
+        self.weight.accumulate(gw)
+        if self.bias is not None:
+            self.bias.accumulate(gb)
+        return gx
+
+
+class Conv2d(Module):
+    """2-D convolution of (B, C, H, W) with square kernel, stride and zero padding.
+
+    Output (B, O, Ho, Wo), ``Ho = (H + 2 padding - k) // stride + 1``.  See
+    ``xpdiff.functional.conv`` for the im2col formulation.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+        padding: int = 0, bias: bool = True, *, dtype: str = "float32", xp: Any = None,
+    ):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        k = kernel_size
+        bound = 1.0 / math.sqrt(in_channels * k * k)
+        self.weight = Parameter(init.uniform((out_channels, in_channels, k, k), bound, dtype, xp))
+        self.bias = Parameter(init.uniform((out_channels,), bound, dtype, xp)) if bias else None
+
+    def _where(self) -> str:
+        return (
+            f"Conv2d({self.in_channels}->{self.out_channels}, k={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding})"
+        )
+
+    def forward(self, x: Any) -> Any:
+        where = self._where()
+        check_input(where, x, like=self.weight.data, ndim=4, size=self.in_channels,
+                    layout="(B, C, H, W)")
+        k, p = self.kernel_size, self.padding
+        if x.shape[2] + 2 * p < k or x.shape[3] + 2 * p < k:
+            raise ValueError(f"{where}: input {tuple(x.shape)} is smaller than the kernel")
+        y, cache = fc.conv2d_forward(
+            x, self.weight.data, self.bias.data if self.bias else None, self.stride, p
+        )
+        self._save(cache)
+        return y
+
+    def backward(self, grad_output: Any) -> Any:
+        gx, gw, gb = fc.conv2d_backward(self._take(), grad_output)
+        self.weight.accumulate(gw)
+        if self.bias is not None:
+            self.bias.accumulate(gb)
+        return gx
+
+
+class GroupNorm(Module):
+    """Group normalisation of (B, C, *spatial) with per-channel affine weight and bias."""
+
+    def __init__(
+        self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, *,
+        dtype: str = "float32", xp: Any = None,
+    ):
+        super().__init__()
+        if num_groups <= 0 or num_channels % num_groups:
+            raise ValueError(
+                f"GroupNorm: num_groups must divide num_channels, got num_groups={num_groups} "
+                f"and num_channels={num_channels}"
+            )
+        self.num_groups, self.num_channels, self.eps = num_groups, num_channels, eps
+        self.weight = Parameter(init.ones((num_channels,), dtype, xp)) if affine else None
+        self.bias = Parameter(init.zeros((num_channels,), dtype, xp)) if affine else None
+
+    def forward(self, x: Any) -> Any:
+        where = f"GroupNorm({self.num_groups} groups, {self.num_channels} channels)"
+        like = self.weight.data if self.weight is not None else None
+        check_input(where, x, like=like, size=self.num_channels)
+        if x.ndim < 2:
+            raise ValueError(f"{where}: expected (B, C, ...), got shape {tuple(x.shape)}")
+        y, cache = fn.group_norm_forward(
+            x, self.num_groups,
+            self.weight.data if self.weight else None,
+            self.bias.data if self.bias else None, self.eps,
+        )
+        self._save(cache)
+        return y
+
+    def backward(self, grad_output: Any) -> Any:
+        gx, gw, gb = fn.group_norm_backward(self._take(), grad_output)
+        if self.weight is not None:
+            self.weight.accumulate(gw)
+            self.bias.accumulate(gb)
+        return gx
+
+
+class SiLU(Module):
+    """``x * sigmoid(x)``, elementwise."""
+
+    def forward(self, x: Any) -> Any:
+        check_input("SiLU", x)
+        y, cache = fa.silu_forward(x)
+        self._save(cache)
+        return y
+
+    def backward(self, grad_output: Any) -> Any:
+        return fa.silu_backward(self._take(), grad_output)
+
+
+class ReLU(Module):
+    """``max(x, 0)``, elementwise."""
+
+    def forward(self, x: Any) -> Any:
+        check_input("ReLU", x)
+        y, cache = fa.relu_forward(x)
+        self._save(cache)
+        return y
+
+    def backward(self, grad_output: Any) -> Any:
+        return fa.relu_backward(self._take(), grad_output)
+
+
+class Identity(Module):
+    """Returns its input; its backward returns the output gradient."""
+
+    def forward(self, x: Any) -> Any:
+        return x
+
+    def backward(self, grad_output: Any) -> Any:
+        return grad_output
+
+
+class Dropout(Identity):
+    """Dropout with p = 0 only (diffusers' UNet default); any other p is refused."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        if p != 0.0:
+            raise ValueError(f"Dropout: only p=0.0 is supported, got p={p}")
+        self.p = p
+
+
+class Embedding(Module):
+    """Table look-up: integer indices (N,) -> rows (N, dim) of ``weight`` (num, dim).
+
+    Repeated indices ADD their gradients into the same row.
+    """
+
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, *, dtype: str = "float32", xp: Any = None
+    ):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.weight = Parameter(init.normal((num_embeddings, embedding_dim), 1.0, dtype, xp))
+
+    def forward(self, idx: Any) -> Any:
+        where = f"Embedding({self.num_embeddings}, {self.embedding_dim})"
+        xp = check_input(where, idx, ndim=1, layout="(N,)")
+        backend.get_namespace(idx, self.weight.data, where=where)
+        if not xp.isdtype(idx.dtype, "integral"):
+            raise TypeError(f"{where}: expected integer indices, got {backend.dtype_name(idx.dtype)}")
+        if idx.shape[0] and (int(xp.min(idx)) < 0 or int(xp.max(idx)) >= self.num_embeddings):
+            raise ValueError(
+                f"{where}: expected indices in [0, {self.num_embeddings}), got values in "
+                f"[{int(xp.min(idx))}, {int(xp.max(idx))}]"
+            )
+        y, cache = fe.embedding_forward(self.weight.data, idx)
+        self._save(cache)
+        return y
+
+    def backward(self, grad_output: Any) -> Any:
+        self.weight.accumulate(fe.embedding_backward(self._take(), grad_output))
+        return None
+
+
+class MSELoss(Module):
+    """Mean squared error; ``forward(pred, target)`` returns a 0-D array, ``backward()``
+    the gradient of the prediction (scaled by ``grad_output``, default 1)."""
+
+    def forward(self, pred: Any, target: Any) -> Any:
+        loss, grad = mse_loss(pred, target)
+        self._save(grad)
+        return loss
+
+    def backward(self, grad_output: Any = 1.0) -> Any:
+        return self._take() * grad_output
