@@ -1,0 +1,283 @@
+"""UNet2DModel: diffusers' UNet2DModel with hand-derived backward.
+
+Same constructor arguments, defaults, module names and parameter shapes as
+diffusers, so checkpoints exchange both ways (``xpdiff.io``).  Any spatial size
+works: each upsampler goes to the size of the skip state it meets next, so a
+14x14 input with three levels (14 -> 7 -> 4 -> 7 -> 14) is fine.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from .. import backend
+from ..nn._checks import check_input
+from ..nn.blocks import TimestepEmbedding, Timesteps
+from ..nn.layers import Conv2d, Embedding, GroupNorm, SiLU
+from ..nn.module import Module, ModuleList
+from .unet_2d_blocks import UNetMidBlock2D, get_down_block, get_up_block
+
+__all__ = ["UNet2DModel"]
+
+_SUPPORTED = {
+    "time_embedding_type": ("positional",),
+    "mid_block_type": ("UNetMidBlock2D", None),
+    "downsample_type": ("conv",),
+    "upsample_type": ("conv",),
+    "act_fn": ("silu",),
+    "resnet_time_scale_shift": ("default",),
+    "class_embed_type": (None,),
+}
+
+
+class UNet2DModel(Module):
+    """A 2-D UNet predicting noise (or v / x0) from a noisy sample, timestep and class label.
+
+    Args: as diffusers' ``UNet2DModel`` (see ``config``), plus ``dtype``
+    (``"float32"`` default, or ``"float64"``) and ``xp`` (the array namespace;
+    default: the backend chosen by ``xpdiff.set_backend``), which are not part
+    of the saved config.  Unsupported argument values raise ``ValueError``.
+    """
+
+    def __init__(
+        self,
+        sample_size: int | tuple[int, int] | None = None,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        center_input_sample: bool = False,
+        time_embedding_type: str = "positional",
+        time_embedding_dim: int | None = None,
+        freq_shift: int = 0,
+        flip_sin_to_cos: bool = True,
+        down_block_types: tuple[str, ...] = (
+            "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        mid_block_type: str | None = "UNetMidBlock2D",
+        up_block_types: tuple[str, ...] = (
+            "AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        block_out_channels: tuple[int, ...] = (224, 448, 672, 896),
+        layers_per_block: int = 2,
+        mid_block_scale_factor: float = 1,
+        downsample_padding: int = 1,
+        downsample_type: str = "conv",
+        upsample_type: str = "conv",
+        dropout: float = 0.0,
+        act_fn: str = "silu",
+        attention_head_dim: int | None = 8,
+        norm_num_groups: int = 32,
+        attn_norm_num_groups: int | None = None,
+        norm_eps: float = 1e-5,
+        resnet_time_scale_shift: str = "default",
+        add_attention: bool = True,
+        class_embed_type: str | None = None,
+        num_class_embeds: int | None = None,
+        num_train_timesteps: int | None = None,
+        *,
+        dtype: str = "float32",
+        xp: Any = None,
+    ):
+        super().__init__()
+        args = dict(locals())
+        sig = inspect.signature(UNet2DModel.__init__)
+        self.config = {
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in args.items()
+            if k in sig.parameters and k not in ("self", "dtype", "xp")
+        }
+        for key, allowed in _SUPPORTED.items():
+            if args[key] not in allowed:
+                raise ValueError(f"UNet2DModel: {key} must be one of {allowed}, got {args[key]!r}")
+        if dropout != 0.0:
+            raise ValueError(f"UNet2DModel: only dropout=0.0 is supported, got {dropout}")
+        if len(down_block_types) != len(up_block_types):
+            raise ValueError(
+                f"UNet2DModel: down_block_types and up_block_types must have one length, got "
+                f"{len(down_block_types)} and {len(up_block_types)}"
+            )
+        if len(block_out_channels) != len(down_block_types):
+            raise ValueError(
+                f"UNet2DModel: block_out_channels and down_block_types must have one length, got "
+                f"{len(block_out_channels)} and {len(down_block_types)}"
+            )
+        xp = backend.default_namespace() if xp is None else xp
+        kw = {"dtype": dtype, "xp": xp}
+        ch = list(block_out_channels)
+        time_embed_dim = time_embedding_dim or ch[0] * 4
+
+        # 1. time and class embeddings
+        self.conv_in = Conv2d(in_channels, ch[0], 3, padding=1, **kw)
+        self.time_proj = Timesteps(ch[0], flip_sin_to_cos, freq_shift)
+        self.time_embedding = TimestepEmbedding(ch[0], time_embed_dim, **kw)
+        self.class_embedding = (
+            Embedding(num_class_embeds, time_embed_dim, **kw) if num_class_embeds else None
+        )
+
+        # 2. down path
+        self.down_blocks = ModuleList()
+        out = ch[0]
+        for i, block_type in enumerate(down_block_types):
+            inp, out = out, ch[i]
+            self.down_blocks.append(get_down_block(
+                block_type, in_channels=inp, out_channels=out, temb_channels=time_embed_dim,
+                num_layers=layers_per_block, resnet_eps=norm_eps, resnet_groups=norm_num_groups,
+                attention_head_dim=attention_head_dim or out,
+                add_downsample=i < len(ch) - 1, downsample_padding=downsample_padding, **kw))
+
+        # 3. middle
+        self.mid_block = None
+        if mid_block_type is not None:
+            self.mid_block = UNetMidBlock2D(
+                in_channels=ch[-1], temb_channels=time_embed_dim, resnet_eps=norm_eps,
+                resnet_groups=norm_num_groups, attn_groups=attn_norm_num_groups,
+                attention_head_dim=attention_head_dim or ch[-1],
+                output_scale_factor=mid_block_scale_factor, add_attention=add_attention, **kw)
+
+        # 4. up path
+        self.up_blocks = ModuleList()
+        rev = ch[::-1]
+        out = rev[0]
+        for i, block_type in enumerate(up_block_types):
+            prev, out = out, rev[i]
+            inp = rev[min(i + 1, len(ch) - 1)]
+            self.up_blocks.append(get_up_block(
+                block_type, in_channels=inp, prev_output_channel=prev, out_channels=out,
+                temb_channels=time_embed_dim, num_layers=layers_per_block + 1,
+                resnet_eps=norm_eps, resnet_groups=norm_num_groups,
+                attention_head_dim=attention_head_dim or out,
+                add_upsample=i < len(ch) - 1, **kw))
+
+        # 5. output
+        self.conv_norm_out = GroupNorm(norm_num_groups, ch[0], eps=norm_eps, **kw)
+        self.conv_act = SiLU()
+        self.conv_out = Conv2d(ch[0], out_channels, 3, padding=1, **kw)
+
+    # ------------------------------------------------------------------
+    @property
+    def dtype(self) -> Any:
+        return self.conv_in.weight.data.dtype
+
+    @property
+    def xp(self) -> Any:
+        return backend.get_namespace(self.conv_in.weight.data)
+
+    def _timesteps(self, timestep: Any, batch: int, xp: Any, dev: Any) -> Any:
+        if isinstance(timestep, (int, float)):
+            t = xp.full((batch,), timestep, device=dev,
+                        dtype=xp.int64 if isinstance(timestep, int) else xp.float32)
+        else:
+            t = backend.asarray(timestep, xp, device=dev) if not hasattr(timestep, "shape") \
+                else timestep
+            backend.get_namespace(t, self.conv_in.weight.data, where="UNet2DModel timestep")
+            if t.ndim == 0:
+                t = xp.broadcast_to(t[None], (batch,))
+            elif t.ndim != 1 or t.shape[0] not in (1, batch):
+                raise ValueError(
+                    f"UNet2DModel: expected timestep as a scalar or shape ({batch},), "
+                    f"got shape {tuple(t.shape)}"
+                )
+            elif t.shape[0] == 1:
+                t = xp.broadcast_to(t, (batch,))
+        lo, hi = float(xp.min(t)), float(xp.max(t))
+        limit = self.config["num_train_timesteps"]
+        if lo < 0 or (limit is not None and hi >= limit) or hi != hi:
+            upper = f", {limit})" if limit is not None else ", inf)"
+            raise ValueError(
+                f"UNet2DModel: expected timesteps in [0{upper}, got values in [{lo}, {hi}]"
+            )
+        return t
+
+    def forward(self, sample: Any, timestep: Any, class_labels: Any = None) -> Any:
+        """Predict from ``sample`` (B, in_channels, H, W) at ``timestep`` (scalar or (B,)).
+
+        ``class_labels`` (B,) integers are required when ``num_class_embeds`` is set.
+        Returns (B, out_channels, H, W) in the model's dtype.
+        """
+        cfg = self.config
+        xp = check_input("UNet2DModel", sample, like=self.conv_in.weight.data, ndim=4,
+                         size=cfg["in_channels"], layout="(B, C, H, W)")
+        B = sample.shape[0]
+        dev = backend.device(sample)
+        if cfg["center_input_sample"]:
+            sample = 2 * sample - 1.0
+
+        # 1. time (+ class) embedding
+        t = self._timesteps(timestep, B, xp, dev)
+        emb = self.time_embedding(self.time_proj(t, dtype=sample.dtype))
+        if self.class_embedding is not None:
+            if class_labels is None:
+                raise ValueError(
+                    f"UNet2DModel: class_labels of shape ({B},) are required: the model has "
+                    f"num_class_embeds={cfg['num_class_embeds']}"
+                )
+            if tuple(getattr(class_labels, "shape", ())) != (B,):
+                raise ValueError(
+                    f"UNet2DModel: expected class_labels of shape ({B},), got "
+                    f"{tuple(getattr(class_labels, 'shape', ()))}"
+                )
+            emb = emb + self.class_embedding(class_labels)
+        elif class_labels is not None:
+            raise ValueError("UNet2DModel: class_labels given but the model has no class "
+                             "embedding (num_class_embeds is None)")
+
+        # 2. pre-process
+        h = self.conv_in(sample)
+
+        # 3. down
+        res = [h]
+        for block in self.down_blocks:
+            h, states = block(h, emb)
+            res.extend(states)
+
+        # 4. mid
+        if self.mid_block is not None:
+            h = self.mid_block(h, emb)
+
+        # 5. up: each block takes as many skip states as it has resnets
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            skips, res = res[-n:], res[:-n]
+            size = tuple(res[-1].shape[2:]) if res and block.upsamplers is not None else None
+            h = block(h, skips, emb, size)
+
+        # 6. post-process
+        return self.conv_out(self.conv_act(self.conv_norm_out(h)))
+
+    def backward(self, grad_output: Any) -> Any:
+        """Backpropagate ``grad_output`` (B, out_channels, H, W) through the whole UNet.
+
+        Adds into every parameter's ``grad`` and returns the gradient of ``sample``.
+        """
+        g = self.conv_norm_out.backward(self.conv_act.backward(self.conv_out.backward(grad_output)))
+        gemb = None
+
+        # 5. up path, last block first; collect the skip-state gradients
+        grad_res: list = []  # gradients of the down states, in the order they were made
+        for block in reversed(list(self.up_blocks)):
+            g, g_skips, gt = block.backward(g)
+            gemb = gt if gemb is None else gemb + gt
+            # later blocks consumed earlier states: append keeps grad_res in state order
+            grad_res = grad_res + g_skips
+
+        # 4. mid
+        if self.mid_block is not None:
+            g, gt = self.mid_block.backward(g)
+            gemb = gemb + gt
+
+        # 3. down path: states were appended block by block after conv_in's output
+        for block in reversed(list(self.down_blocks)):
+            n = len(block.resnets) + (1 if block.downsamplers is not None else 0)
+            mine, grad_res = grad_res[-n:], grad_res[:-n]
+            g, gt = block.backward(g, mine)
+            gemb = gemb + gt
+
+        # 2. conv_in: its output was also the first skip state
+        g = g + grad_res[0]
+        gsample = self.conv_in.backward(g)
+        if self.config["center_input_sample"]:
+            gsample = 2 * gsample
+
+        # 1. embeddings
+        if self.class_embedding is not None:
+            self.class_embedding.backward(gemb)
+        self.time_embedding.backward(gemb)
+        return gsample
