@@ -11,6 +11,15 @@ window view (``backend.sliding_windows``) with one copy, so the forward is
 ``cols``.  The input gradient needs no scatter-add: ``w^T @ g`` gives the column
 gradient, and each of the kh*kw kernel offsets adds one strided slice back into
 the padded input gradient (col2im as a kh*kw slice loop).
+
+Stride 1 (all 3x3 convs of the UNet) uses a faster variant of the same idea on
+the flattened, zero-padded grid: with the padded input laid out as (C, B*Hp*Wp),
+kernel offset (i, j) is a shift of the flat index by ``i*Wp + j``, so every row of
+the column matrix is ONE contiguous run (``backend.shifted_rows``) and col2im is
+kh*kw contiguous adds.  The product is evaluated on all B*Hp*Wp grid positions
+and the valid (Ho, Wo) corner of each padded image is kept; the discarded
+positions cost ``Hp*Wp / (Ho*Wo)`` extra matrix-product work (1.3x at 14x14,
+1.15x at 28x28) but the copies run at memory speed.
 """
 
 from __future__ import annotations
@@ -19,7 +28,16 @@ from typing import Any
 
 from .. import backend
 
-__all__ = ["col2im", "conv2d_backward", "conv2d_forward", "conv_output_size", "im2col", "pad2d"]
+__all__ = [
+    "col2im",
+    "col2im_flat",
+    "conv2d_backward",
+    "conv2d_forward",
+    "conv_output_size",
+    "im2col",
+    "im2col_flat",
+    "pad2d",
+]
 
 
 def conv_output_size(size: int, k: int, stride: int, pad: int) -> int:
@@ -60,15 +78,60 @@ def col2im(
     Ho = conv_output_size(H, kh, stride, pad)
     Wo = conv_output_size(W, kw, stride, pad)
     c6 = xp.reshape(cols, (C, kh, kw, B, Ho, Wo))
-    gx = xp.zeros((B, C, H + 2 * pad, W + 2 * pad), dtype=cols.dtype, device=backend.device(cols))
+    # accumulate in (C, B, H, W) order, which matches the column layout, then permute once
+    gx = xp.zeros((C, B, H + 2 * pad, W + 2 * pad), dtype=cols.dtype, device=backend.device(cols))
     for i in range(kh):
         for j in range(kw):
             rows = slice(i, i + stride * (Ho - 1) + 1, stride)
             cols_ = slice(j, j + stride * (Wo - 1) + 1, stride)
-            gx[:, :, rows, cols_] += xp.permute_dims(c6[:, i, j, ...], (1, 0, 2, 3))
+            gx[:, :, rows, cols_] += c6[:, i, j, ...]
     if pad:
         gx = gx[:, :, pad : pad + H, pad : pad + W]
+    gx = xp.permute_dims(gx, (1, 0, 2, 3))
     return gx
+
+
+def _flat_layout(x_shape: tuple[int, ...], kh: int, kw: int, pad: int) -> tuple[int, ...]:
+    B, C, H, W = x_shape
+    Hp, Wp = H + 2 * pad, W + 2 * pad
+    L = B * Hp * Wp
+    return Hp, Wp, L, (kh - 1) * Wp + (kw - 1)
+
+
+def im2col_flat(x: Any, kh: int, kw: int, pad: int) -> Any:
+    """Stride-1 column matrix (C*kh*kw, B*Hp*Wp) on the flattened padded grid."""
+    xp = backend.get_namespace(x)
+    B, C, H, W = x.shape
+    Hp, Wp, L, tail = _flat_layout(tuple(x.shape), kh, kw, pad)
+    flat = xp.zeros((C, L + tail), dtype=x.dtype, device=backend.device(x))
+    grid = xp.reshape(flat[:, :L], (C, B, Hp, Wp))
+    grid[:, :, pad : pad + H, pad : pad + W] = xp.permute_dims(x, (1, 0, 2, 3))
+    if backend.library_name(xp) not in ("numpy", "cupy", "torch"):
+        # namespaces without views: slicing copied the grid, so write through concat
+        flat = xp.concat(
+            [xp.reshape(grid, (C, L)), xp.zeros((C, tail), dtype=x.dtype, device=backend.device(x))],
+            axis=1,
+        )
+    return xp.reshape(backend.shifted_rows(flat, kh, kw, Wp, L), (C * kh * kw, L))
+
+
+def col2im_flat(cols: Any, x_shape: tuple[int, ...], kh: int, kw: int, pad: int) -> Any:
+    """Adjoint of ``im2col_flat``: (C*kh*kw, B*Hp*Wp) columns -> (B, C, H, W)."""
+    xp = backend.get_namespace(cols)
+    B, C, H, W = x_shape
+    Hp, Wp, L, tail = _flat_layout(x_shape, kh, kw, pad)
+    c4 = xp.reshape(cols, (C, kh, kw, L))
+    flat = xp.zeros((C, L + tail), dtype=cols.dtype, device=backend.device(cols))
+    for i in range(kh):
+        for j in range(kw):
+            o = i * Wp + j
+            flat[:, o : o + L] += c4[:, i, j, :]
+    grid = xp.reshape(flat[:, :L], (C, B, Hp, Wp))[:, :, pad : pad + H, pad : pad + W]
+    return xp.permute_dims(grid, (1, 0, 2, 3))
+
+
+def _uses_flat(kh: int, kw: int, stride: int, pad: int) -> bool:
+    return stride == 1 and not (kh == kw == 1 and pad == 0)
 
 
 def conv2d_forward(
@@ -87,11 +150,17 @@ def conv2d_forward(
     O, _, kh, kw = w.shape
     Ho = conv_output_size(H, kh, stride, pad)
     Wo = conv_output_size(W, kw, stride, pad)
-    cols = im2col(x, kh, kw, stride, pad)
-    y = xp.reshape(w, (O, C * kh * kw)) @ cols  # (O, B*Ho*Wo)
+    flat = _uses_flat(kh, kw, stride, pad)
+    cols = im2col_flat(x, kh, kw, pad) if flat else im2col(x, kh, kw, stride, pad)
+    y = xp.reshape(w, (O, C * kh * kw)) @ cols
     if b is not None:
         y = y + b[:, None]
-    y = xp.permute_dims(xp.reshape(y, (O, B, Ho, Wo)), (1, 0, 2, 3))
+    if flat:
+        Hp, Wp = H + 2 * pad, W + 2 * pad
+        y = xp.reshape(y, (O, B, Hp, Wp))[:, :, :Ho, :Wo]
+    else:
+        y = xp.reshape(y, (O, B, Ho, Wo))
+    y = xp.permute_dims(y, (1, 0, 2, 3))
     return y, (cols, w, tuple(x.shape), stride, pad, b is not None)
 
 
@@ -101,9 +170,22 @@ def conv2d_backward(cache: tuple, gy: Any) -> tuple[Any, Any, Any | None]:
     xp = backend.get_namespace(gy, w)
     O, C, kh, kw = w.shape
     B, _, Ho, Wo = gy.shape
-    g = xp.reshape(xp.permute_dims(gy, (1, 0, 2, 3)), (O, B * Ho * Wo))
+    gT = xp.permute_dims(gy, (1, 0, 2, 3))
+    flat = _uses_flat(kh, kw, stride, pad)
+    if flat:
+        # scatter gy onto the padded grid; positions outside (Ho, Wo) get zero gradient
+        Hp, Wp = x_shape[2] + 2 * pad, x_shape[3] + 2 * pad
+        grid = xp.zeros((O, B, Hp, Wp), dtype=gy.dtype, device=backend.device(gy))
+        grid[:, :, :Ho, :Wo] = gT
+        g = xp.reshape(grid, (O, B * Hp * Wp))
+        gb = xp.sum(gy, axis=(0, 2, 3)) if has_bias else None
+    else:
+        g = xp.reshape(gT, (O, B * Ho * Wo))
+        gb = xp.sum(g, axis=1) if has_bias else None
     gw = xp.reshape(g @ cols.T, w.shape)
-    gb = xp.sum(g, axis=1) if has_bias else None
     gcols = xp.reshape(w, (O, C * kh * kw)).T @ g
-    gx = col2im(gcols, x_shape, kh, kw, stride, pad)
+    if flat:
+        gx = col2im_flat(gcols, x_shape, kh, kw, pad)
+    else:
+        gx = col2im(gcols, x_shape, kh, kw, stride, pad)
     return gx, gw, gb

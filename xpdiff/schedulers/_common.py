@@ -1,0 +1,572 @@
+"""Pieces shared by the DDPM and DDIM schedulers.
+
+* noise-schedule tables (``betas``, ``alphas_cumprod``) built on the host in
+  pure Python with the same float32 roundings HuggingFace diffusers applies,
+  so both libraries walk exactly the same schedule;
+* the inference timestep grids (``leading``, ``trailing``, ``linspace``);
+* configuration handling (``config``, ``from_config``, ``save_config``,
+  ``from_pretrained``) in a format diffusers reads and writes;
+* argument checks and the per-sample gather used by ``add_noise`` and
+  ``get_velocity``.
+
+Arrays never leave the namespace of the sample they come with: tables are
+moved onto the sample's namespace, device and dtype, and per-step scalars are
+plain Python floats, which the array API applies in the array's dtype.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import operator
+import os
+import struct
+import tempfile
+from typing import Any, ClassVar, NamedTuple
+
+from .. import backend
+
+__all__ = ["CONFIG_NAME", "BaseScheduler", "SchedulerOutput", "f32"]
+
+CONFIG_NAME = "scheduler_config.json"
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+# Keys diffusers writes for features xpdiff does not implement.  A config that
+# carries them is accepted while they hold a value that leaves the feature off
+# (``_ANY``: the key only matters when another feature is on).
+_ANY = object()
+_DIFFUSERS_INACTIVE = {
+    "trained_betas": None,
+    "thresholding": False,
+    "rescale_betas_zero_snr": False,
+    "dynamic_thresholding_ratio": _ANY,
+    "sample_max_value": _ANY,
+}
+
+
+class SchedulerOutput(NamedTuple):
+    """Result of ``step``; unpacks as ``prev_sample, pred_original_sample``.
+
+    Attributes:
+        prev_sample: x_{t_prev}, shape of the sample (B, C, H, W).
+        pred_original_sample: predicted x_0 after clipping, same shape.
+    """
+
+    prev_sample: Any
+    pred_original_sample: Any
+
+
+# ---------------------------------------------------------------------------
+# host-side schedule tables
+# ---------------------------------------------------------------------------
+def f32(x: float) -> float:
+    """``x`` rounded to the nearest float32, returned as a Python float.
+
+    Step coefficients go through this after every scalar operation: diffusers
+    does that scalar arithmetic on float32 tensors, and near t = T the predicted
+    x_0 divides by sqrt(abar_t) ~ 0.006, which turns a one-ulp difference in a
+    coefficient into ~1e-5 in the output.  (For + - * / and sqrt, rounding the
+    double result to float32 equals the float32 operation.)"""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _linspace_f32(start: float, end: float, n: int) -> list[float]:
+    """``torch.linspace(start, end, n, dtype=torch.float32)`` value for value.
+
+    PyTorch works in float32: it rounds the end points, their difference and
+    the step (a double operation rounded to float32 gives the float32 result for
+    + - * /, as 53 >= 2 * 24 + 2).  It fills the first half forwards from
+    ``start`` and the second half backwards from ``end``, each entry with a fused
+    multiply-add, i.e. one rounding of the exact value.  For beta-sized inputs
+    that exact value fits in a double, so one float32 rounding of the double
+    expression reproduces it (the tests compare every entry with torch).
+    """
+    lo, hi = f32(start), f32(end)
+    if n == 1:
+        return [lo]
+    step = f32(f32(hi - lo) / (n - 1))
+    half = n // 2
+    return [f32(lo + step * i) if i < half else f32(hi - step * (n - 1 - i)) for i in range(n)]
+
+
+def _cosine_betas(n: int, max_beta: float = 0.999) -> list[float]:
+    """Betas of the squared-cosine alpha-bar (Nichol & Dhariwal 2021, eq. 17), capped."""
+
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    return [f32(min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta)) for i in range(n)]
+
+
+def beta_table(schedule: str, beta_start: float, beta_end: float, n: int) -> list[float]:
+    """Betas (length ``n``) as float32-rounded Python floats, as diffusers makes them."""
+    if schedule == "linear":
+        return _linspace_f32(beta_start, beta_end, n)
+    if schedule == "scaled_linear":
+        # linearly spaced square roots, squared in float32 (latent diffusion)
+        return [f32(r * r) for r in _linspace_f32(beta_start**0.5, beta_end**0.5, n)]
+    if schedule == "squaredcos_cap_v2":
+        return _cosine_betas(n)
+    raise ValueError(f"beta_table: expected one of {BETA_SCHEDULES}, got {schedule!r}")
+
+
+def cumprod_table(betas: list[float]) -> list[float]:
+    """abar_t = prod_{s<=t} (1 - beta_s): float32 alphas, accumulated in double,
+    each output rounded to float32 (what ``torch.cumprod`` does on float32 CPU)."""
+    out = []
+    acc = 1.0
+    for b in betas:
+        acc *= f32(1.0 - b)
+        out.append(f32(acc))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# inference timestep grids
+# ---------------------------------------------------------------------------
+def _arange_down(start: float, stop: float, step: float) -> list[float]:
+    """``numpy.arange(start, stop, step)`` for floats, same length and values."""
+    count = math.ceil((stop - start) / step)
+    if count <= 0:
+        return []
+    if count == 1:
+        return [float(start)]
+    second = start + step
+    delta = second - start  # NumPy fills from the first two entries
+    return [float(start), second] + [start + i * delta for i in range(2, count)]
+
+
+def spaced_timesteps(spacing: str, num_train: int, num_inference: int, offset: int) -> list[int]:
+    """Descending training timesteps visited by a sampler of ``num_inference`` steps.
+
+    The three spacings of Lin et al. 2023 ("Common Diffusion Noise Schedules and
+    Sample Steps are Flawed", table 2), rounded half to even as NumPy does:
+    ``linspace`` spreads the steps over [0, num_train - 1]; ``leading`` takes
+    multiples of ``num_train // num_inference`` from 0 and adds ``offset``;
+    ``trailing`` steps down from ``num_train`` by ``num_train / num_inference``
+    and subtracts one.  ``offset`` only applies to ``leading`` (as in diffusers).
+    """
+    if spacing == "linspace":
+        if num_inference == 1:
+            grid = [0.0]
+        else:
+            step = (num_train - 1) / (num_inference - 1)
+            grid = [i * step for i in range(num_inference - 1)] + [float(num_train - 1)]
+        return [round(v) for v in reversed(grid)]
+    if spacing == "leading":
+        ratio = num_train // num_inference
+        return [i * ratio + offset for i in reversed(range(num_inference))]
+    if spacing == "trailing":
+        grid = _arange_down(float(num_train), 0.0, -(num_train / num_inference))
+        return [round(v) - 1 for v in grid]
+    raise ValueError(f"spaced_timesteps: expected one of {TIMESTEP_SPACINGS}, got {spacing!r}")
+
+
+# ---------------------------------------------------------------------------
+# argument checks
+# ---------------------------------------------------------------------------
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+class BaseScheduler:
+    """Schedule tables, config handling and checks common to DDPM and DDIM.
+
+    Subclasses declare their constructor arguments explicitly (those names are
+    the config keys), call ``_setup(config)`` with them, and implement
+    ``set_timesteps`` and ``step``.
+    """
+
+    order = 1
+    init_noise_sigma = 1.0
+    _choices: ClassVar[dict[str, tuple[str, ...]]] = {
+        "beta_schedule": BETA_SCHEDULES,
+        "prediction_type": PREDICTION_TYPES,
+        "timestep_spacing": TIMESTEP_SPACINGS,
+    }
+    _bools: ClassVar[tuple[str, ...]] = ("clip_sample",)
+
+    # -- construction -------------------------------------------------------
+    def _setup(self, config: dict[str, Any]) -> None:
+        name = type(self).__name__
+        for key, allowed in self._choices.items():
+            if config[key] not in allowed:
+                raise ValueError(
+                    f"{name}: expected {key} to be one of {', '.join(map(repr, allowed))}, "
+                    f"got {config[key]!r}"
+                )
+        for key in self._bools:
+            if not isinstance(config[key], bool):
+                raise TypeError(f"{name}: expected {key} to be a bool, got {config[key]!r}")
+        n = config["num_train_timesteps"]
+        if not _is_int(n) or n < 1:
+            raise ValueError(f"{name}: expected num_train_timesteps to be an int >= 1, got {n!r}")
+        off = config["steps_offset"]
+        if not _is_int(off) or off < 0:
+            raise ValueError(f"{name}: expected steps_offset to be an int >= 0, got {off!r}")
+        for key in ("beta_start", "beta_end", "clip_sample_range"):
+            if not _is_real(config[key]):
+                raise ValueError(
+                    f"{name}: expected {key} to be a finite number, got {config[key]!r}"
+                )
+            config[key] = float(config[key])
+        if config["clip_sample_range"] <= 0:
+            raise ValueError(
+                f"{name}: expected clip_sample_range > 0, got {config['clip_sample_range']!r}"
+            )
+        betas = beta_table(config["beta_schedule"], config["beta_start"], config["beta_end"], n)
+        bad = [b for b in betas if not 0.0 < b < 1.0]
+        if bad:
+            raise ValueError(
+                f"{name}: expected every beta in (0, 1), got {bad[0]!r} from beta_schedule="
+                f"{config['beta_schedule']!r}, beta_start={config['beta_start']!r}, "
+                f"beta_end={config['beta_end']!r}"
+            )
+        self._config = dict(config)
+        self._betas = betas
+        self._alphas_cumprod = cumprod_table(betas)
+        self._device_tables: dict[tuple[str, str, str], Any] = {}
+        self.num_inference_steps: int | None = None
+        self.timesteps: list[int] = list(reversed(range(n)))
+
+    # -- read-only views ----------------------------------------------------
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments (a fresh, JSON-serialisable dict)."""
+        return dict(self._config)
+
+    @property
+    def betas(self) -> tuple[float, ...]:
+        """beta_t for t = 0 .. num_train_timesteps - 1 (float32 values as Python floats)."""
+        return tuple(self._betas)
+
+    @property
+    def alphas_cumprod(self) -> tuple[float, ...]:
+        """abar_t = prod_{s<=t} (1 - beta_s), length num_train_timesteps."""
+        return tuple(self._alphas_cumprod)
+
+    def __len__(self) -> int:
+        return self._config["num_train_timesteps"]
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._config.items())
+        return f"{type(self).__name__}({args})"
+
+    def scale_model_input(self, sample: Any, timestep: int | None = None) -> Any:
+        """The model input for ``sample`` at ``timestep``: unchanged for DDPM/DDIM."""
+        return sample
+
+    # -- config files -------------------------------------------------------
+    @classmethod
+    def _config_keys(cls) -> list[str]:
+        params = inspect.signature(cls.__init__).parameters
+        return [p for p in params if p != "self"]
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The config with ``"_class_name"``, as written to ``scheduler_config.json``."""
+        return {"_class_name": type(self).__name__, **self._config}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], **overrides: Any) -> BaseScheduler:
+        """A scheduler built from a config dict (ours or diffusers'), then ``overrides``.
+
+        Keys starting with ``"_"`` (bookkeeping such as ``_class_name``) are
+        ignored.  diffusers-only keys are accepted while their feature is off
+        (``thresholding=False``, ``trained_betas=None``, ...).
+
+        Raises:
+            ValueError: for unknown keys, naming them, or a diffusers feature
+                that is switched on.
+        """
+        if not isinstance(config, dict):
+            config = dict(config)
+        merged = {**config, **overrides}
+        known = set(cls._config_keys())
+        kwargs: dict[str, Any] = {}
+        unknown = []
+        for key, value in merged.items():
+            if key.startswith("_"):
+                continue
+            if key in known:
+                kwargs[key] = value
+            elif key in _DIFFUSERS_INACTIVE:
+                off = _DIFFUSERS_INACTIVE[key]
+                if off is not _ANY and value != off:
+                    raise ValueError(
+                        f"{cls.__name__}.from_config: {key}={value!r} is not supported "
+                        f"(only {key}={off!r})"
+                    )
+            else:
+                unknown.append(key)
+        if unknown:
+            saved_by = config.get("_class_name")
+            note = (
+                f" (config was saved by {saved_by})" if saved_by not in (None, cls.__name__) else ""
+            )
+            raise ValueError(
+                f"{cls.__name__}.from_config: unknown config keys {sorted(unknown)}{note}; "
+                f"expected keys among {sorted(known)}"
+            )
+        return cls(**kwargs)
+
+    def save_config(self, save_directory: str | os.PathLike) -> str:
+        """Write ``scheduler_config.json`` into ``save_directory`` (created if needed).
+
+        The file is written to a temporary name in the same directory and moved
+        into place with ``os.replace``, so readers never see half a file.
+
+        Returns:
+            The path of the written file.
+        """
+        directory = os.fspath(save_directory)
+        if os.path.isfile(directory):
+            raise ValueError(
+                f"{type(self).__name__}.save_config: expected a directory, got the file {directory!r}"
+            )
+        os.makedirs(directory, exist_ok=True)
+        text = json.dumps(self.to_json_dict(), indent=2, sort_keys=True) + "\n"
+        target = os.path.join(directory, CONFIG_NAME)
+        fd, tmp = tempfile.mkstemp(prefix=".scheduler_config.", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return target
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, subfolder: str | None = None, **overrides: Any
+    ) -> BaseScheduler:
+        """Load from a directory holding ``scheduler_config.json`` (or that file itself).
+
+        ``subfolder`` is joined to ``path`` first (e.g. ``"scheduler"`` in a
+        saved pipeline).  Reads files written by ``save_config`` and by
+        diffusers' ``save_pretrained``.
+        """
+        where = os.fspath(path)
+        if subfolder:
+            where = os.path.join(where, subfolder)
+        file = where if os.path.isfile(where) else os.path.join(where, CONFIG_NAME)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(
+                f"{cls.__name__}.from_pretrained: no {CONFIG_NAME} at {where!r}"
+            )
+        with open(file, encoding="utf-8") as fh:
+            try:
+                config = json.load(fh)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{cls.__name__}.from_pretrained: {file!r} is not JSON ({err})")
+        if not isinstance(config, dict):
+            raise TypeError(
+                f"{cls.__name__}.from_pretrained: expected a JSON object in {file!r}, "
+                f"got {type(config).__name__}"
+            )
+        return cls.from_config(config, **overrides)
+
+    # -- timesteps ------------------------------------------------------------
+    def _check_num_inference_steps(self, num_inference_steps: int) -> int:
+        n_train = self._config["num_train_timesteps"]
+        if not _is_int(num_inference_steps) or not 1 <= num_inference_steps <= n_train:
+            raise ValueError(
+                f"{type(self).__name__}.set_timesteps: expected num_inference_steps to be an int "
+                f"in [1, num_train_timesteps={n_train}], got {num_inference_steps!r}"
+            )
+        return num_inference_steps
+
+    def _spaced_timesteps(self, num_inference_steps: int) -> list[int]:
+        cfg = self._config
+        n_train = cfg["num_train_timesteps"]
+        steps = spaced_timesteps(
+            cfg["timestep_spacing"], n_train, num_inference_steps, cfg["steps_offset"]
+        )
+        if steps and not 0 <= steps[0] < n_train:
+            raise ValueError(
+                f"{type(self).__name__}.set_timesteps: steps_offset={cfg['steps_offset']} with "
+                f"{num_inference_steps} steps gives timestep {steps[0]}, outside "
+                f"[0, num_train_timesteps={n_train})"
+            )
+        return steps
+
+    def _check_timestep(self, timestep: Any, where: str) -> int:
+        """``timestep`` as a Python int in [0, num_train_timesteps)."""
+        n_train = self._config["num_train_timesteps"]
+        try:
+            if isinstance(timestep, (bool, float)):
+                raise TypeError
+            t = operator.index(timestep)
+        except TypeError:
+            raise ValueError(
+                f"{type(self).__name__}.{where}: expected an integer timestep, got {timestep!r}"
+            ) from None
+        if not 0 <= t < n_train:
+            raise ValueError(
+                f"{type(self).__name__}.{where}: timestep {t} is out of range "
+                f"[0, num_train_timesteps={n_train})"
+            )
+        return t
+
+    # -- array helpers ---------------------------------------------------------
+    def _check_pair(self, a: Any, b: Any, names: tuple[str, str], where: str) -> Any:
+        """Namespace shared by two same-shape floating arrays ``a`` and ``b``."""
+        cls = type(self).__name__
+        xp = backend.get_namespace(a, b, where=f"{cls}.{where}")
+        if tuple(a.shape) != tuple(b.shape):
+            raise ValueError(
+                f"{cls}.{where}: expected {names[1]} of shape {tuple(a.shape)} like {names[0]}, "
+                f"got {tuple(b.shape)}"
+            )
+        if not xp.isdtype(a.dtype, "real floating"):
+            raise ValueError(f"{cls}.{where}: expected a floating {names[0]}, got dtype {a.dtype}")
+        if a.ndim < 1:
+            raise ValueError(f"{cls}.{where}: expected {names[0]} of shape (B, ...), got shape ()")
+        return xp
+
+    def _batch_timesteps(self, timesteps: Any, sample: Any, xp: Any, where: str) -> Any:
+        """Timesteps for each of the B samples as an int64 array of shape (B,) on
+        the sample's device, after range and shape checks.  Accepts an int, a
+        list of ints, or an integer array of shape (), (1,) or (B,)."""
+        cls = type(self).__name__
+        n_train = self._config["num_train_timesteps"]
+        batch = sample.shape[0]
+        dev = backend.device(sample)
+        if _is_int(timesteps) or isinstance(timesteps, (list, tuple)):
+            values = [timesteps] * batch if _is_int(timesteps) else list(timesteps)
+            if not all(_is_int(v) for v in values):
+                raise ValueError(f"{cls}.{where}: expected integer timesteps, got {timesteps!r}")
+            if len(values) != batch:
+                raise ValueError(
+                    f"{cls}.{where}: expected {batch} timesteps (one per sample), got {len(values)}"
+                )
+            lo, hi = (min(values), max(values)) if values else (0, 0)
+            idx = backend.asarray(values, xp, dtype=xp.int64, device=dev)
+        else:
+            if backend.get_namespace(timesteps) is not xp or backend.device(timesteps) != dev:
+                timesteps = backend.asarray(timesteps, xp, device=dev)
+            if not xp.isdtype(timesteps.dtype, "integral"):
+                raise ValueError(
+                    f"{cls}.{where}: expected an integer timesteps array, got dtype {timesteps.dtype}"
+                )
+            if timesteps.ndim > 1 or (timesteps.ndim == 1 and timesteps.shape[0] not in (1, batch)):
+                raise ValueError(
+                    f"{cls}.{where}: expected timesteps of shape ({batch},), "
+                    f"got {tuple(timesteps.shape)}"
+                )
+            idx = xp.broadcast_to(xp.reshape(xp.astype(timesteps, xp.int64), (-1,)), (batch,))
+            lo, hi = (int(xp.min(idx)), int(xp.max(idx))) if batch else (0, 0)
+        if lo < 0 or hi >= n_train:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"{cls}.{where}: timestep {bad} is out of range [0, num_train_timesteps={n_train})"
+            )
+        return idx
+
+    def _abar_per_sample(self, timesteps: Any, sample: Any, xp: Any, where: str) -> Any:
+        """abar_t for each sample, shape (B, 1, ..., 1) broadcastable to ``sample``."""
+        idx = self._batch_timesteps(timesteps, sample, xp, where)
+        dev = backend.device(sample)
+        key = (backend.library_name(xp), str(sample.dtype), str(dev))
+        table = self._device_tables.get(key)
+        if table is None:
+            table = backend.asarray(self._alphas_cumprod, xp, dtype=sample.dtype, device=dev)
+            self._device_tables[key] = table
+        abar = xp.take(table, idx, axis=0)
+        return xp.reshape(abar, (sample.shape[0],) + (1,) * (sample.ndim - 1))
+
+    def add_noise(self, original_samples: Any, noise: Any, timesteps: Any) -> Any:
+        """Forward process q(x_t | x_0) (DDPM paper, eq. 4):
+        x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise.
+
+        Args:
+            original_samples: x_0, shape (B, C, H, W) (any (B, ...) works).
+            noise: same shape, namespace and dtype.
+            timesteps: int, list of B ints, or integer array of shape (B,).
+
+        Returns:
+            x_t, shape (B, C, H, W), namespace and dtype of ``original_samples``.
+        """
+        xp = self._check_pair(original_samples, noise, ("original_samples", "noise"), "add_noise")
+        abar = self._abar_per_sample(timesteps, original_samples, xp, "add_noise")
+        return xp.sqrt(abar) * original_samples + xp.sqrt(1 - abar) * noise
+
+    def get_velocity(self, sample: Any, noise: Any, timesteps: Any) -> Any:
+        """v-prediction target (Salimans & Ho 2022, sec. 4):
+        v = sqrt(abar_t) noise - sqrt(1 - abar_t) x_0, with ``sample`` = x_0.
+
+        Args:
+            sample: x_0, shape (B, C, H, W).
+            noise: same shape.
+            timesteps: int, list of B ints, or integer array of shape (B,).
+
+        Returns:
+            v, shape (B, C, H, W), namespace and dtype of ``sample``.
+        """
+        xp = self._check_pair(sample, noise, ("sample", "noise"), "get_velocity")
+        abar = self._abar_per_sample(timesteps, sample, xp, "get_velocity")
+        return xp.sqrt(abar) * noise - xp.sqrt(1 - abar) * sample
+
+    def _step_arrays(self, model_output: Any, sample: Any) -> Any:
+        """Namespace of ``step``'s arrays after shape/dtype checks."""
+        return self._check_pair(sample, model_output, ("sample", "model_output"), "step")
+
+    def _predict(
+        self, model_output: Any, sample: Any, abar_t: float, with_eps: bool = True
+    ) -> tuple[Any, Any]:
+        """(predicted x_0, predicted noise) from the model output at x_t = ``sample``.
+
+        epsilon: x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)   (DDPM eq. 15)
+        v:       x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v,
+                 eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t
+        sample:  x_0 = output, eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)
+        x_0 comes before clipping.  The noise is None unless ``with_eps``.
+        """
+        kind = self._config["prediction_type"]
+        sa, sb = f32(math.sqrt(abar_t)), f32(math.sqrt(f32(1.0 - abar_t)))
+        if kind == "epsilon":
+            return (sample - sb * model_output) / sa, model_output
+        if kind == "v_prediction":
+            eps = sa * model_output + sb * sample if with_eps else None
+            return sa * sample - sb * model_output, eps
+        eps = (sample - sa * model_output) / sb if with_eps else None
+        return model_output, eps
+
+    def _clip(self, xp: Any, x0: Any) -> Any:
+        if not self._config["clip_sample"]:
+            return x0
+        r = self._config["clip_sample_range"]
+        return xp.clip(x0, -r, r)
+
+    def _variance_noise(self, xp: Any, sample: Any, generator: Any, noise: Any) -> Any:
+        """Standard normal noise shaped like ``sample``: ``noise`` if given, else
+        drawn from ``generator`` (a fresh unseeded one when both are None)."""
+        cls = type(self).__name__
+        if noise is not None and generator is not None:
+            raise ValueError(f"{cls}.step: expected at most one of generator and noise, got both")
+        if noise is not None:
+            backend.get_namespace(sample, noise, where=f"{cls}.step")
+            if tuple(noise.shape) != tuple(sample.shape):
+                raise ValueError(
+                    f"{cls}.step: expected noise of shape {tuple(sample.shape)}, "
+                    f"got {tuple(noise.shape)}"
+                )
+            return noise if noise.dtype == sample.dtype else xp.astype(noise, sample.dtype)
+        dev = backend.device(sample)
+        if generator is None:
+            generator = backend.Generator(None, xp, device=dev)
+        drawn = generator.normal(tuple(sample.shape), dtype=sample.dtype)
+        if backend.get_namespace(drawn) is not xp or backend.device(drawn) != dev:
+            drawn = backend.asarray(drawn, xp, dtype=sample.dtype, device=dev)
+        return drawn

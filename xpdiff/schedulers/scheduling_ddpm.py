@@ -1,0 +1,171 @@
+"""DDPM ancestral sampler (Ho, Jain & Abbeel 2020, "Denoising Diffusion
+Probabilistic Models"), numerically matching diffusers' ``DDPMScheduler``.
+
+Equation numbers below refer to that paper (arXiv:2006.11239).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+from ._common import BaseScheduler, SchedulerOutput, f32
+
+__all__ = ["DDPMScheduler"]
+
+_VAR_FLOOR = f32(1e-20)
+
+
+class DDPMScheduler(BaseScheduler):
+    """Ancestral sampling of the DDPM reverse process, on any array-API namespace.
+
+    Args:
+        num_train_timesteps: length T of the training noise schedule.
+        beta_start, beta_end: first and last beta of the (scaled) linear schedules.
+        beta_schedule: ``"linear"``, ``"scaled_linear"`` (linear in sqrt(beta)) or
+            ``"squaredcos_cap_v2"`` (cosine alpha-bar, betas capped at 0.999).
+        variance_type: ``"fixed_small"`` (sigma_t^2 = beta-tilde_t, the posterior
+            variance of eq. 7) or ``"fixed_large"`` (sigma_t^2 = beta_t); sec. 3.2.
+        clip_sample: clip the predicted x_0 to [-clip_sample_range, clip_sample_range].
+        clip_sample_range: the clipping bound.
+        prediction_type: what the model predicts: ``"epsilon"`` (the noise),
+            ``"v_prediction"`` (v = sqrt(abar) eps - sqrt(1 - abar) x_0) or ``"sample"`` (x_0).
+        timestep_spacing: ``"leading"``, ``"trailing"`` or ``"linspace"``; how
+            ``set_timesteps`` picks inference timesteps.
+        steps_offset: added to ``leading`` timesteps (1 for Stable Diffusion).
+
+    Raises:
+        ValueError: for an unsupported option, naming the supported ones.
+    """
+
+    _choices: ClassVar[dict[str, tuple[str, ...]]] = {
+        **BaseScheduler._choices,
+        "variance_type": ("fixed_small", "fixed_large"),
+    }
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        variance_type: str = "fixed_small",
+        clip_sample: bool = True,
+        clip_sample_range: float = 1.0,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+    ) -> None:
+        self._setup(
+            {
+                "num_train_timesteps": num_train_timesteps,
+                "beta_start": beta_start,
+                "beta_end": beta_end,
+                "beta_schedule": beta_schedule,
+                "variance_type": variance_type,
+                "clip_sample": clip_sample,
+                "clip_sample_range": clip_sample_range,
+                "prediction_type": prediction_type,
+                "timestep_spacing": timestep_spacing,
+                "steps_offset": steps_offset,
+            }
+        )
+        self._prev: dict[int, int] = {}
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        """Choose the ``num_inference_steps`` timesteps to sample with.
+
+        Sets ``self.timesteps`` (descending Python ints) and
+        ``self.num_inference_steps``; each step then jumps to the next entry of
+        ``self.timesteps`` (the last one to t = -1, i.e. abar = 1).
+
+        Raises:
+            ValueError: when ``num_inference_steps`` is not in [1, num_train_timesteps],
+                or ``steps_offset`` pushes a timestep out of range.
+        """
+        n = self._check_num_inference_steps(num_inference_steps)
+        steps = self._spaced_timesteps(n)
+        self.timesteps = steps
+        self.num_inference_steps = n
+        self._prev = {t: p for t, p in zip(steps, steps[1:] + [-1])}
+
+    def previous_timestep(self, timestep: int) -> int:
+        """The timestep a step from ``timestep`` lands on (-1 after the last one).
+
+        Before ``set_timesteps`` the chain visits every training step, so it is
+        ``timestep - 1``; afterwards it is the next entry of ``self.timesteps``.
+
+        Raises:
+            ValueError: when ``timestep`` is out of range, or (after
+                ``set_timesteps``) not one of ``self.timesteps``.
+        """
+        t = self._check_timestep(timestep, "previous_timestep")
+        if self.num_inference_steps is None:
+            return t - 1
+        if t not in self._prev:
+            raise ValueError(
+                f"DDPMScheduler: expected a timestep from set_timesteps("
+                f"{self.num_inference_steps}) (one of self.timesteps), got {t}"
+            )
+        return self._prev[t]
+
+    def step(
+        self,
+        model_output: Any,
+        timestep: int,
+        sample: Any,
+        generator: Any = None,
+        noise: Any = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple[Any, Any]:
+        """One ancestral step x_t -> x_{t_prev}, t_prev = ``previous_timestep(t)``.
+
+        Args:
+            model_output: the model's prediction at (``sample``, ``timestep``),
+                shape (B, C, H, W) like ``sample``.
+            timestep: current timestep t, a Python int (or integer scalar) in
+                [0, num_train_timesteps).
+            sample: x_t, shape (B, C, H, W), float32 or float64.
+            generator: ``xpdiff.backend.Generator`` for the variance noise.
+            noise: explicit standard-normal variance noise, shape of ``sample``
+                (give at most one of ``generator`` and ``noise``; with neither,
+                an unseeded generator is used).  Unused when t = 0.
+            return_dict: False returns a plain tuple instead of ``SchedulerOutput``.
+
+        Returns:
+            ``SchedulerOutput(prev_sample, pred_original_sample)``, both of shape
+            (B, C, H, W) in the namespace, device and dtype of ``sample``.
+        """
+        xp = self._step_arrays(model_output, sample)
+        t = self._check_timestep(timestep, "step")
+        t_prev = self.previous_timestep(t)
+        abar = self._alphas_cumprod
+        abar_t = abar[t]
+        abar_prev = abar[t_prev] if t_prev >= 0 else 1.0
+        # alpha_t, beta_t of the (possibly strided) one-step transition t -> t_prev;
+        # scalars are float32-rounded after each operation, as in diffusers
+        alpha_t = f32(abar_t / abar_prev)
+        beta_t = f32(1.0 - alpha_t)
+        one_minus_abar_t = f32(1.0 - abar_t)
+        one_minus_abar_prev = f32(1.0 - abar_prev)
+
+        x0, _ = self._predict(model_output, sample, abar_t, with_eps=False)  # eq. 15
+        x0 = self._clip(xp, x0)
+
+        # posterior mean mu-tilde_t(x_t, x_0) of q(x_{t-1} | x_t, x_0), eq. 7
+        coef_x0 = f32(f32(f32(math.sqrt(abar_prev)) * beta_t) / one_minus_abar_t)
+        coef_xt = f32(f32(f32(math.sqrt(alpha_t)) * one_minus_abar_prev) / one_minus_abar_t)
+        prev = coef_x0 * x0 + coef_xt * sample
+
+        if t > 0:
+            if self._config["variance_type"] == "fixed_small":
+                # beta-tilde_t of eq. 7, floored so that its sqrt stays positive
+                var = f32(f32(one_minus_abar_prev / one_minus_abar_t) * beta_t)
+                var = max(var, _VAR_FLOOR)
+            else:
+                var = beta_t
+            z = self._variance_noise(xp, sample, generator, noise)
+            prev = prev + f32(math.sqrt(var)) * z
+        if not return_dict:
+            return prev, x0
+        return SchedulerOutput(prev, x0)
