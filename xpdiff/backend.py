@@ -160,8 +160,13 @@ def default_namespace() -> Any:
 # ---------------------------------------------------------------------------
 # moving data
 # ---------------------------------------------------------------------------
-def to_numpy(x: Any) -> np.ndarray:
-    """A NumPy copy (or view) of any supported array, on the host."""
+def to_numpy(x: Any, contiguous: bool = False) -> np.ndarray:
+    """A NumPy copy (or view) of any supported array, on the host.
+
+    ``contiguous=True`` guarantees a C-contiguous result (for writing files).
+    """
+    if contiguous:
+        return np.ascontiguousarray(to_numpy(x))
     if isinstance(x, np.ndarray):
         return x
     if array_api_compat.is_cupy_array(x):

@@ -9,9 +9,10 @@ works: each upsampler goes to the size of the skip state it meets next, so a
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any
 
-from .. import backend
+from .. import backend, io
 from ..nn._checks import check_input
 from ..nn.blocks import TimestepEmbedding, Timesteps
 from ..nn.layers import Conv2d, Embedding, GroupNorm, SiLU
@@ -281,3 +282,33 @@ class UNet2DModel(Module):
             self.class_embedding.backward(gemb)
         self.time_embedding.backward(gemb)
         return gsample
+
+
+def _config_keys() -> set[str]:
+    sig = inspect.signature(UNet2DModel.__init__)
+    return {k for k in sig.parameters if k not in ("self", "dtype", "xp")}
+
+
+def _save_pretrained(self: UNet2DModel, directory: str) -> None:
+    """Write ``config.json`` and ``diffusion_pytorch_model.safetensors`` (diffusers' layout)."""
+    io.save_safetensors(self.state_dict(), Path(directory) / io.WEIGHTS_NAME,
+                        metadata={"format": "pt"})
+    io.save_config(self.config, directory, "UNet2DModel")
+
+
+def _from_pretrained(cls: type, directory: str, *, dtype: str = "float32",
+                     xp: Any = None) -> UNet2DModel:
+    """Load a model saved by ``save_pretrained`` here or by diffusers.
+
+    Raises:
+        ValueError: unknown config keys or unsupported values.
+        KeyError: weights whose keys or shapes do not match (all of them listed).
+    """
+    cfg = io.load_config(directory, _config_keys(), f"{cls.__name__}.from_pretrained")
+    model = cls(**cfg, dtype=dtype, xp=xp)
+    model.load_state_dict(io.load_safetensors(Path(directory) / io.WEIGHTS_NAME))
+    return model
+
+
+UNet2DModel.save_pretrained = _save_pretrained
+UNet2DModel.from_pretrained = classmethod(_from_pretrained)
