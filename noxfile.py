@@ -1,0 +1,53 @@
+"""Test sessions: ``nox -s tests-numpy tests-cupy``, plus ``lint`` and ``bench``."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests-numpy", "tests-cupy"]
+nox.options.reuse_existing_virtualenvs = True
+
+# torch==2.13.0 is pinned: on the project's machines it installs a CPU build from local disk.
+ORACLE = ["torch==2.13.0", "diffusers"]
+
+
+@nox.session(name="tests-numpy")
+def tests_numpy(session: nox.Session) -> None:
+    """The whole suite on numpy, array_api_strict and torch namespaces, with the oracle tests."""
+    session.install(*ORACLE)
+    session.install("-e", ".[test,data]")
+    session.run(
+        "pytest", *session.posargs,
+        env={"XPDIFF_TEST_BACKENDS": "numpy,array_api_strict,torch", "XPDIFF_BACKEND": "numpy"},
+    )
+
+
+@nox.session(name="tests-cupy")
+def tests_cupy(session: nox.Session) -> None:
+    """The same suite on CuPy; without a CUDA device it says so and tests nothing."""
+    session.install("-e", ".[test,data,cuda]")
+    probe = "from xpdiff.backend import cupy_status; ok, why = cupy_status(); print(ok, why)"
+    out = (session.run("python", "-c", probe, silent=True) or "").strip()
+    if not out.startswith("True"):
+        session.log(f"tests-cupy TESTED NOTHING: {out.partition(' ')[2]}")
+        return
+    session.install(*ORACLE)
+    session.run(
+        "pytest", *session.posargs,
+        env={"XPDIFF_TEST_BACKENDS": "cupy", "XPDIFF_BACKEND": "cupy"},
+    )
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff over the package, tests, examples and benchmarks."""
+    session.install("ruff")
+    session.run("ruff", "check", "xpdiff", "tests", "examples", "benchmarks", "noxfile.py")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """xpdiff (NumPy) against PyTorch CPU eager: see benchmarks/RESULTS.md."""
+    session.install(*ORACLE)
+    session.install("-e", ".")
+    session.run("python", "benchmarks/bench.py", *session.posargs)
