@@ -1,0 +1,5 @@
+"""Sampling loops."""
+
+from .sampling import SampleResult, generate
+
+__all__ = ["SampleResult", "generate"]
