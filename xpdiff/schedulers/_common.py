@@ -23,13 +23,15 @@ import operator
 import os
 import struct
 import tempfile
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 from .. import backend
 
 __all__ = ["CONFIG_NAME", "BaseScheduler", "SchedulerOutput", "f32"]
 
 CONFIG_NAME = "scheduler_config.json"
+
+_S = TypeVar("_S", bound="BaseScheduler")
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -275,7 +277,7 @@ class BaseScheduler:
         return {"_class_name": type(self).__name__, **self._config}
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], **overrides: Any) -> BaseScheduler:
+    def from_config(cls: type[_S], config: dict[str, Any], **overrides: Any) -> _S:
         """A scheduler built from a config dict (ours or diffusers'), then ``overrides``.
 
         Keys starting with ``"_"`` (bookkeeping such as ``_class_name``) are
@@ -329,7 +331,8 @@ class BaseScheduler:
         directory = os.fspath(save_directory)
         if os.path.isfile(directory):
             raise ValueError(
-                f"{type(self).__name__}.save_config: expected a directory, got the file {directory!r}"
+                f"{type(self).__name__}.save_config: expected a directory, "
+                f"got the file {directory!r}"
             )
         os.makedirs(directory, exist_ok=True)
         text = json.dumps(self.to_json_dict(), indent=2, sort_keys=True) + "\n"
@@ -349,8 +352,8 @@ class BaseScheduler:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, subfolder: str | None = None, **overrides: Any
-    ) -> BaseScheduler:
+        cls: type[_S], path: str | os.PathLike, subfolder: str | None = None, **overrides: Any
+    ) -> _S:
         """Load from a directory holding ``scheduler_config.json`` (or that file itself).
 
         ``subfolder`` is joined to ``path`` first (e.g. ``"scheduler"`` in a
@@ -369,7 +372,9 @@ class BaseScheduler:
             try:
                 config = json.load(fh)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{cls.__name__}.from_pretrained: {file!r} is not JSON ({err})")
+                raise ValueError(
+                    f"{cls.__name__}.from_pretrained: {file!r} is not JSON ({err})"
+                ) from err
         if not isinstance(config, dict):
             raise TypeError(
                 f"{cls.__name__}.from_pretrained: expected a JSON object in {file!r}, "
@@ -458,7 +463,8 @@ class BaseScheduler:
                 timesteps = backend.asarray(timesteps, xp, device=dev)
             if not xp.isdtype(timesteps.dtype, "integral"):
                 raise ValueError(
-                    f"{cls}.{where}: expected an integer timesteps array, got dtype {timesteps.dtype}"
+                    f"{cls}.{where}: expected an integer timesteps array, "
+                    f"got dtype {timesteps.dtype}"
                 )
             if timesteps.ndim > 1 or (timesteps.ndim == 1 and timesteps.shape[0] not in (1, batch)):
                 raise ValueError(
@@ -518,9 +524,28 @@ class BaseScheduler:
         abar = self._abar_per_sample(timesteps, sample, xp, "get_velocity")
         return xp.sqrt(abar) * noise - xp.sqrt(1 - abar) * sample
 
-    def _step_arrays(self, model_output: Any, sample: Any) -> Any:
-        """Namespace of ``step``'s arrays after shape/dtype checks."""
-        return self._check_pair(sample, model_output, ("sample", "model_output"), "step")
+    def _start_step(
+        self, model_output: Any, timestep: Any, sample: Any, generator: Any, noise: Any
+    ) -> tuple[Any, int]:
+        """Checks common to both ``step`` methods; returns (namespace, timestep as int)."""
+        xp = self._check_pair(sample, model_output, ("sample", "model_output"), "step")
+        if noise is not None and generator is not None:
+            raise ValueError(
+                f"{type(self).__name__}.step: expected at most one of generator and noise, got both"
+            )
+        return xp, self._check_timestep(timestep, "step")
+
+    def previous_timestep(self, timestep: int) -> int:
+        """The timestep a step from ``timestep`` lands on (negative after the last step).
+
+        Raises:
+            ValueError: for a timestep out of range, or one this scheduler cannot
+                step from now (see the subclass).
+        """
+        return self._previous(self._check_timestep(timestep, "previous_timestep"))
+
+    def _previous(self, t: int) -> int:
+        raise NotImplementedError
 
     def _predict(
         self, model_output: Any, sample: Any, abar_t: float, with_eps: bool = True
@@ -553,8 +578,6 @@ class BaseScheduler:
         """Standard normal noise shaped like ``sample``: ``noise`` if given, else
         drawn from ``generator`` (a fresh unseeded one when both are None)."""
         cls = type(self).__name__
-        if noise is not None and generator is not None:
-            raise ValueError(f"{cls}.step: expected at most one of generator and noise, got both")
         if noise is not None:
             backend.get_namespace(sample, noise, where=f"{cls}.step")
             if tuple(noise.shape) != tuple(sample.shape):

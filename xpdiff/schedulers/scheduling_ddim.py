@@ -76,17 +76,11 @@ class DDIMScheduler(BaseScheduler):
         self.timesteps = self._spaced_timesteps(n)
         self.num_inference_steps = n
 
-    def previous_timestep(self, timestep: int) -> int:
-        """``timestep - num_train_timesteps // num_inference_steps`` (negative after the last).
-
-        This is diffusers' rule for every spacing; with ``trailing`` or
-        ``linspace`` it can differ from the next entry of ``self.timesteps`` by a
-        few training steps, which matching diffusers requires keeping.
-
-        Raises:
-            ValueError: before ``set_timesteps``, or for a timestep out of range.
-        """
-        t = self._check_timestep(timestep, "previous_timestep")
+    def _previous(self, t: int) -> int:
+        """``t - num_train_timesteps // num_inference_steps``, diffusers' rule for
+        every spacing; with ``trailing`` or ``linspace`` it can differ from the
+        next entry of ``self.timesteps`` by a few training steps, which matching
+        diffusers requires keeping.  Needs ``set_timesteps`` first."""
         if self.num_inference_steps is None:
             raise ValueError(
                 "DDIMScheduler: expected set_timesteps(num_inference_steps) to be called "
@@ -130,9 +124,8 @@ class DDIMScheduler(BaseScheduler):
             ValueError: before ``set_timesteps``, for a bad timestep, eta < 0,
                 mismatched shapes, or both ``generator`` and ``noise``.
         """
-        xp = self._step_arrays(model_output, sample)
-        t_prev = self.previous_timestep(timestep)
-        t = int(timestep)
+        xp, t = self._start_step(model_output, timestep, sample, generator, noise)
+        t_prev = self._previous(t)
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
             raise ValueError(f"DDIMScheduler.step: expected eta >= 0, got {eta!r}")
         abar_t = self._alphas_cumprod[t]

@@ -87,19 +87,12 @@ class DDPMScheduler(BaseScheduler):
         steps = self._spaced_timesteps(n)
         self.timesteps = steps
         self.num_inference_steps = n
-        self._prev = {t: p for t, p in zip(steps, steps[1:] + [-1])}
+        self._prev = {t: p for t, p in zip(steps, steps[1:] + [-1], strict=True)}
 
-    def previous_timestep(self, timestep: int) -> int:
-        """The timestep a step from ``timestep`` lands on (-1 after the last one).
-
-        Before ``set_timesteps`` the chain visits every training step, so it is
-        ``timestep - 1``; afterwards it is the next entry of ``self.timesteps``.
-
-        Raises:
-            ValueError: when ``timestep`` is out of range, or (after
-                ``set_timesteps``) not one of ``self.timesteps``.
-        """
-        t = self._check_timestep(timestep, "previous_timestep")
+    def _previous(self, t: int) -> int:
+        """Before ``set_timesteps`` the chain visits every training step (t - 1);
+        afterwards the next entry of ``self.timesteps`` (-1 after the last), and
+        ``t`` must be one of them."""
         if self.num_inference_steps is None:
             return t - 1
         if t not in self._prev:
@@ -136,9 +129,8 @@ class DDPMScheduler(BaseScheduler):
             ``SchedulerOutput(prev_sample, pred_original_sample)``, both of shape
             (B, C, H, W) in the namespace, device and dtype of ``sample``.
         """
-        xp = self._step_arrays(model_output, sample)
-        t = self._check_timestep(timestep, "step")
-        t_prev = self.previous_timestep(t)
+        xp, t = self._start_step(model_output, timestep, sample, generator, noise)
+        t_prev = self._previous(t)
         abar = self._alphas_cumprod
         abar_t = abar[t]
         abar_prev = abar[t_prev] if t_prev >= 0 else 1.0
