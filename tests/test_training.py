@@ -1,0 +1,161 @@
+"""Training loop: determinism, checkpoints, exact resume, NaN handling, CLI smoke runs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from xpdiff import io
+from xpdiff.cli import main
+from xpdiff.training import TrainConfig, Trainer, TrainingDiverged, latest_checkpoint
+
+
+def tiny(**kw) -> TrainConfig:
+    base = dict(block_out_channels=[8, 16], norm_num_groups=4, attention_head_dim=8,
+                batch_size=8, max_steps=6, checkpoint_every=3, log_every=1, warmup_steps=2,
+                sample_steps=2, size=14)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(trainer: Trainer) -> dict:
+    return {k: np.array(v) for k, v in trainer.model.state_dict().items()}
+
+
+def losses(run) -> list[float]:
+    return [json.loads(ln)["loss"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_same_seed_same_losses_to_the_bit(tmp_path):
+    a = Trainer(tiny(), tmp_path / "a", progress=False)
+    a.train()
+    b = Trainer(tiny(), tmp_path / "b", progress=False)
+    b.train()
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    wa, wb = weights(a), weights(b)
+    assert all(np.array_equal(wa[k], wb[k]) for k in wa)
+    c = Trainer(tiny(seed=1), tmp_path / "c", progress=False)
+    c.train()
+    assert losses(tmp_path / "c") != losses(tmp_path / "a")
+
+
+@pytest.mark.parametrize("stop_at", [3, 5])
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, stop_at):
+    full = Trainer(tiny(), tmp_path / "full", progress=False)
+    full.train()
+    part = Trainer(tiny(), tmp_path / "part", progress=False)
+    part.train(until=stop_at)  # as if killed right after the checkpoint at stop_at
+    resumed = Trainer(tiny(), tmp_path / "part", progress=False)
+    assert resumed.resume() and resumed.step == stop_at
+    resumed.train()
+    wf, wr = weights(full), weights(resumed)
+    assert all(np.array_equal(wf[k], wr[k]) for k in wf)
+    ema_f = {k: np.array(v) for k, v in full.ema.shadow.items()}
+    assert all(np.array_equal(ema_f[k], np.array(v)) for k, v in resumed.ema.shadow.items())
+    assert losses(tmp_path / "full") == losses(tmp_path / "part")
+
+
+def test_resume_across_epoch_boundary(tmp_path):
+    cfg = dict(max_steps=7, batch_size=1000)  # 4500 digits -> 5 steps per epoch
+    full = Trainer(tiny(**cfg), tmp_path / "full", progress=False)
+    full.train()
+    part = Trainer(tiny(**cfg), tmp_path / "part", progress=False)
+    part.train(until=5)
+    resumed = Trainer(tiny(**cfg), tmp_path / "part", progress=False)
+    resumed.resume()
+    assert (resumed.epoch, resumed.batch_in_epoch) == (1, 0)
+    resumed.train()
+    wf, wr = weights(full), weights(resumed)
+    assert all(np.array_equal(wf[k], wr[k]) for k in wf)
+
+
+def test_checkpoint_layout_loads_in_diffusers_layout(tmp_path):
+    t = Trainer(tiny(max_steps=3), tmp_path, progress=False)
+    t.train()
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt.name == "checkpoint-0000003"
+    for f in ["unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+              "unet_ema/config.json", "scheduler/scheduler_config.json",
+              "optimizer.safetensors", "trainer_state.json"]:
+        assert (ckpt / f).is_file(), f
+    assert not list(tmp_path.glob(".tmp-*"))
+    cfg = io.load_json(ckpt / "unet" / "config.json")
+    assert cfg["_class_name"] == "UNet2DModel" and cfg["num_class_embeds"] == 11
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path):
+    t = Trainer(tiny(max_steps=3), tmp_path, progress=False)
+    t.train()
+    # a checkpoint killed while being written: a temp dir, and a dir without trainer_state
+    (tmp_path / ".tmp-checkpoint-0000006-1").mkdir()
+    (tmp_path / "checkpoint-0000009" / "unet").mkdir(parents=True)
+    assert latest_checkpoint(tmp_path).name == "checkpoint-0000003"
+
+
+def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
+    t = Trainer(tiny(max_steps=6, checkpoint_every=2), tmp_path, progress=False)
+    real_step = t.train_step
+    calls = {"n": 0}
+
+    def poisoned(xb, yb):
+        calls["n"] += 1
+        if calls["n"] == 4:  # poison a weight: the next forward gives NaN
+            w = t.model.conv_out.weight
+            w.data = w.data * float("nan")
+        return real_step(xb, yb)
+
+    t.train_step = poisoned
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 3.*checkpoint-0000002"):
+        t.train()
+    assert latest_checkpoint(tmp_path).name == "checkpoint-0000002"
+    state = io.load_json(latest_checkpoint(tmp_path) / "trainer_state.json")
+    assert state["step"] == 2
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    Trainer(tiny(max_steps=3), tmp_path, progress=False).train()
+    other = Trainer(tiny(max_steps=6, lr=0.5), tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"different settings for \['lr'\]"):
+        other.resume()
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="size must be 14 or 28, got 20"):
+        tiny(size=20).validate()
+    with pytest.raises(ValueError, match="unknown keys"):
+        TrainConfig.from_json({"learning_rate": 1})
+
+
+def test_cli_train_sample_evaluate_figure(tmp_path, capsys):
+    run = tmp_path / "run"
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(tiny(max_steps=4).to_json()))
+    assert main(["train", "--config", str(cfg), "--out", str(run), "--no-progress"]) == 0
+    assert (run / "samples.png").is_file()
+    out = capsys.readouterr().out
+    assert "done: 4 steps" in out
+    # a second train into the same directory without --resume is refused
+    assert main(["train", "--config", str(cfg), "--out", str(run), "--no-progress"]) == 2
+    assert main(["train", "--config", str(cfg), "--out", str(run), "--no-progress",
+                 "--resume", "--steps", "5", "--no-samples"]) == 0
+    assert "resumed from step 4" in capsys.readouterr().out
+    png, gif = tmp_path / "s.png", tmp_path / "s.gif"
+    assert main(["sample", str(run), "--out", str(png), "--gif", str(gif), "--steps", "3",
+                 "--per-digit", "2", "--scheduler", "ddpm"]) == 0
+    from PIL import Image
+
+    assert Image.open(png).size[1] > Image.open(png).size[0]  # 10 rows of 2 digits
+    assert Image.open(gif).n_frames >= 2
+    fig = tmp_path / "noise.png"
+    assert main(["noise-figure", "--out", str(fig), "--size", "14"]) == 0
+    assert fig.is_file()
+
+
+def test_metrics_log_has_rates(tmp_path):
+    Trainer(tiny(max_steps=3), tmp_path, progress=False).train()
+    rows = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and r["samples_per_s"] > 0 for r in rows)
