@@ -35,6 +35,8 @@ def check_backward(
     For each floating-point input, and each parameter when ``params``, one random
     direction ``d`` is drawn and ``(L(z + eps d) - L(z - eps d)) / (2 eps)`` is
     compared with ``<grad_z, d>`` where ``L = sum(y * gy)`` for a random ``gy``.
+    The tolerance is ``atol + rtol * max(|analytic|, |numeric|, sum|grad_z * d|)`` plus
+    the round-off of the difference quotient, ``1e-15 * (|L+| + |L-|) / eps``.
     Run it in float64.  ``forward`` replaces ``module.forward`` when given (for
     modules whose forward needs a wrapper).  Integer inputs (labels, timesteps)
     get no check.
@@ -82,7 +84,12 @@ def check_backward(
             )
         analytic = _dot(xp, grad, d)
         results[name] = (analytic, numeric)
-        if abs(analytic - numeric) > atol + rtol * max(abs(analytic), abs(numeric)):
+        # the directional derivative is a sum with cancellations; judge its error against
+        # the size of its terms, and allow the difference quotient's own round-off
+        terms = float(xp.sum(xp.abs(grad * d)))
+        roundoff = 1e-15 * (abs(lp) + abs(lm)) / eps
+        tol = atol + roundoff + rtol * max(abs(analytic), abs(numeric), terms)
+        if abs(analytic - numeric) > tol:
             raise AssertionError(
                 f"check_backward: gradient of {name} disagrees: analytic {analytic!r}, "
                 f"finite difference {numeric!r}"
