@@ -113,13 +113,13 @@ def generate(
         for s in range(0, B, max_batch):
             e = min(B, s + max_batch)
             if guided:
-                xin = xp.concat([xt[s:e], xt[s:e]])
+                xin = xp.concat([xt[s:e, ...], xt[s:e, ...]])
                 lin = xp.concat([lab2[s:e], lab2[B + s : B + e]])
                 both = model(xin, t, lin)
-                cond, uncond = both[: e - s], both[e - s :]
+                cond, uncond = both[: e - s, ...], both[e - s :, ...]
                 outs.append(uncond + guidance_scale * (cond - uncond))
             else:
-                outs.append(model(xt[s:e], t, lab[s:e] if lab is not None else None))
+                outs.append(model(xt[s:e, ...], t, lab[s:e] if lab is not None else None))
         return outs[0] if len(outs) == 1 else xp.concat(outs)
 
     with no_grad():

@@ -1,0 +1,105 @@
+"""Sampling loop: shapes, range, determinism, guidance arithmetic, trajectories, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xpdiff import backend
+from xpdiff.images import grid, save_gif, save_grid
+from xpdiff.models import UNet2DModel
+from xpdiff.nn import init
+from xpdiff.pipelines import generate
+from xpdiff.schedulers import DDIMScheduler, DDPMScheduler
+
+CFG = dict(sample_size=6, in_channels=1, out_channels=1, block_out_channels=[8, 8],
+           down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+           up_block_types=["AttnUpBlock2D", "UpBlock2D"], layers_per_block=1,
+           norm_num_groups=4, attention_head_dim=8, num_class_embeds=4)
+
+
+def model_on(xp, dtype="float32"):
+    init.manual_seed(0)
+    return UNet2DModel(**CFG, dtype=dtype, xp=xp)
+
+
+@pytest.mark.parametrize("kind", [DDIMScheduler, DDPMScheduler])
+def test_generate_shapes_range_namespace(xp, kind):
+    m = model_on(xp)
+    res = generate(m, kind(), [0, 1, 2], num_inference_steps=4, guidance_scale=2.0,
+                   null_class=3, seed=1, return_trajectory=True)
+    assert backend.get_namespace(res.images) is xp or backend.library_name(
+        backend.get_namespace(res.images)) == backend.library_name(xp)
+    assert tuple(res.images.shape) == (3, 1, 6, 6)
+    assert backend.dtype_name(res.images.dtype) == "float32"
+    a = backend.to_numpy(res.images)
+    assert a.min() >= -1.0 and a.max() <= 1.0
+    assert len(res.trajectory) == 5 and len(res.timesteps) == 4
+
+
+def test_generate_is_deterministic_and_seed_dependent():
+    xp = backend.namespace_for("numpy")
+    m = model_on(xp)
+    a = generate(m, DDIMScheduler(), [1, 2], num_inference_steps=3, seed=5).images
+    b = generate(m, DDIMScheduler(), [1, 2], num_inference_steps=3, seed=5).images
+    c = generate(m, DDIMScheduler(), [1, 2], num_inference_steps=3, seed=6).images
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_guidance_combines_conditional_and_null_predictions(monkeypatch):
+    """With guidance w the step sees eps_null + w (eps_label - eps_null)."""
+    xp = backend.namespace_for("numpy")
+    m = model_on(xp, "float64")
+    seen = []
+    sched = DDIMScheduler()
+    real_step = sched.step
+
+    def spy(eps, t, x, **kw):
+        seen.append((eps, x, t))
+        return real_step(eps, t, x, **kw)
+
+    monkeypatch.setattr(sched, "step", spy)
+    generate(m, sched, [1, 2], num_inference_steps=2, guidance_scale=3.0, null_class=3, seed=0)
+    eps, x, t = seen[0]
+    cond = m(x, t, np.array([1, 2]))
+    null = m(x, t, np.array([3, 3]))
+    np.testing.assert_allclose(eps, null + 3.0 * (cond - null), rtol=1e-10, atol=1e-12)
+
+
+def test_batches_larger_than_max_batch_give_the_same_images():
+    xp = backend.namespace_for("numpy")
+    m = model_on(xp, "float64")
+    labels = [0, 1, 2, 0, 1]
+    a = generate(m, DDIMScheduler(), labels, num_inference_steps=2, guidance_scale=2.0,
+                 null_class=3, seed=0).images
+    b = generate(m, DDIMScheduler(), labels, num_inference_steps=2, guidance_scale=2.0,
+                 null_class=3, seed=0, max_batch=2).images
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_generate_errors():
+    xp = backend.namespace_for("numpy")
+    m = model_on(xp)
+    with pytest.raises(ValueError, match=r"expected labels in \[0, 4\), got \[7\]"):
+        generate(m, DDIMScheduler(), [7])
+    with pytest.raises(ValueError, match="needs class_labels and null_class"):
+        generate(m, DDIMScheduler(), [1], guidance_scale=2.0)
+    with pytest.raises(ValueError, match="class-conditional"):
+        generate(m, DDIMScheduler(), batch_size=2)
+    with pytest.raises(ValueError, match="expected a DDPMScheduler or DDIMScheduler"):
+        generate(m, object(), [1])
+
+
+def test_grid_and_files(tmp_path):
+    hx = backend.namespace_for("numpy")
+    imgs = hx.ones((3, 1, 4, 5), dtype=hx.float32)
+    g = grid(imgs, nrow=2, pad=1)
+    assert g.shape == (2 * 5 + 1, 2 * 6 + 1) and int(g.max()) == 255
+    assert int(g[0, 0]) == 0 and int(g[-2, -2]) == 0  # padding and the empty fourth cell
+    save_grid(imgs, tmp_path / "g.png", nrow=2)
+    save_gif([imgs, -imgs], tmp_path / "g.gif", nrow=2)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "g.gif").n_frames == 2
+    with pytest.raises(ValueError, match=r"expected \(N, 1, H, W\)"):
+        grid(hx.ones((3, 4, 5)), nrow=2)
