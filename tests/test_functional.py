@@ -181,9 +181,12 @@ def test_conv_output_size(n, k, s, p, want):
 # ---------------------------------------------------------------------------
 # conv2d forward / backward
 # ---------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["window", "flat"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize(("H", "W", "k", "s", "p"), CONV_CASES, ids=CONV_IDS)
-def test_conv2d_forward_backward_match_loops(xp, H, W, k, s, p, bias):
+def test_conv2d_forward_backward_match_loops(xp, H, W, k, s, p, bias, layout, monkeypatch):
+    # both column layouts of stride-1 convs: the window view, and the flattened padded grid
+    monkeypatch.setattr(fc, "FLAT_MAX_WASTE", 0.0 if layout == "window" else float("inf"))
     rng = _rng(2, H, W, k, s, p, bias)
     x = rng.standard_normal((2, 3, H, W))
     w = rng.standard_normal((4, 3, k, k))
@@ -201,6 +204,27 @@ def test_conv2d_forward_backward_match_loops(xp, H, W, k, s, p, bias):
         _assert_allclose(gb, rgb)
     else:
         assert gb is None
+
+
+@pytest.mark.parametrize(("H", "W", "k", "p"), [(5, 7, 3, 1), (4, 4, 3, 0), (6, 5, 3, 2)])
+def test_flat_columns_are_adjoint_and_hold_the_windows(xp, H, W, k, p):
+    rng = _rng(5, H, W, k, p)
+    x = rng.standard_normal((2, 3, H, W))
+    cols = backend.to_numpy(fc.im2col_flat(_to(xp, x), k, k, p))
+    Hp, Wp = H + 2 * p, W + 2 * p
+    grid = cols.reshape(3, k, k, 2, Hp, Wp)[:, :, :, :, : Hp - k + 1, : Wp - k + 1]
+    np.testing.assert_allclose(
+        grid.reshape(3 * k * k, -1), ref_im2col(x, k, 1, p), rtol=0, atol=0)
+    c = rng.standard_normal(cols.shape)
+    back = backend.to_numpy(fc.col2im_flat(_to(xp, c), x.shape, k, k, p))
+    assert abs(np.sum(cols * c) - np.sum(x * back)) <= 1e-9 * np.sum(np.abs(cols * c))
+
+
+def test_layout_choice_follows_the_waste_bound():
+    assert fc._uses_flat((2, 3, 28, 28), 3, 3, 1, 1)       # 30*30 / 28*28 = 1.15
+    assert not fc._uses_flat((2, 3, 14, 14), 3, 3, 1, 1)   # 16*16 / 14*14 = 1.31
+    assert not fc._uses_flat((2, 3, 28, 28), 3, 3, 2, 1)   # strided: window layout
+    assert not fc._uses_flat((2, 3, 28, 28), 1, 1, 1, 0)   # 1x1: a plain reshape
 
 
 # ---------------------------------------------------------------------------

@@ -7,19 +7,20 @@ Notation: input ``x`` is (B, C, H, W), kernel ``w`` is (O, C, kh, kw), stride
 The column matrix ``cols`` is (C*kh*kw, B*Ho*Wo): row ``(c, i, j)`` holds input
 channel ``c`` shifted by kernel offset ``(i, j)``.  It is built from a strided
 window view (``backend.sliding_windows``) with one copy, so the forward is
-``w.reshape(O, C*kh*kw) @ cols`` and the weight gradient reuses the same
-``cols``.  The input gradient needs no scatter-add: ``w^T @ g`` gives the column
+``w.reshape(O, C*kh*kw) @ cols``; backward rebuilds ``cols`` from the cached
+input for the weight gradient.  The input gradient needs no scatter-add: ``w^T @ g`` gives the column
 gradient, and each of the kh*kw kernel offsets adds one strided slice back into
 the padded input gradient (col2im as a kh*kw slice loop).
 
-Stride 1 (all 3x3 convs of the UNet) uses a faster variant of the same idea on
-the flattened, zero-padded grid: with the padded input laid out as (C, B*Hp*Wp),
+Stride-1 convolutions of large images use a variant of the same idea on the
+flattened, zero-padded grid: with the padded input laid out as (C, B*Hp*Wp),
 kernel offset (i, j) is a shift of the flat index by ``i*Wp + j``, so every row of
 the column matrix is ONE contiguous run (``backend.shifted_rows``) and col2im is
 kh*kw contiguous adds.  The product is evaluated on all B*Hp*Wp grid positions
 and the valid (Ho, Wo) corner of each padded image is kept; the discarded
-positions cost ``Hp*Wp / (Ho*Wo)`` extra matrix-product work (1.3x at 14x14,
-1.15x at 28x28) but the copies run at memory speed.
+positions cost ``Hp*Wp / (Ho*Wo)`` times the matrix-product work (1.3x at 14x14,
+1.15x at 28x28) but the copies run at memory speed.  ``FLAT_MAX_WASTE`` picks it
+where that trade wins.
 """
 
 from __future__ import annotations
@@ -130,8 +131,24 @@ def col2im_flat(cols: Any, x_shape: tuple[int, ...], kh: int, kw: int, pad: int)
     return xp.permute_dims(grid, (1, 0, 2, 3))
 
 
-def _uses_flat(kh: int, kw: int, stride: int, pad: int) -> bool:
-    return stride == 1 and not (kh == kw == 1 and pad == 0)
+# The flat layout pays for (Hp*Wp)/(Ho*Wo) times the products; it wins only where that waste
+# is small (28x28: 1.15) and loses to the window layout at 14x14 (1.31) and 7x7 (1.65), as
+# measured with benchmarks/bench.py and a per-conv timing on this project's 2-core machine.
+FLAT_MAX_WASTE = 1.2
+
+
+def _uses_flat(x_shape: tuple[int, ...], kh: int, kw: int, stride: int, pad: int) -> bool:
+    if stride != 1 or (kh == kw == 1 and pad == 0):
+        return False
+    H, W = x_shape[2], x_shape[3]
+    Ho, Wo = H + 2 * pad - kh + 1, W + 2 * pad - kw + 1
+    return (H + 2 * pad) * (W + 2 * pad) <= FLAT_MAX_WASTE * Ho * Wo
+
+
+def _columns(x: Any, kh: int, kw: int, stride: int, pad: int) -> Any:
+    if _uses_flat(tuple(x.shape), kh, kw, stride, pad):
+        return im2col_flat(x, kh, kw, pad)
+    return im2col(x, kh, kw, stride, pad)
 
 
 def conv2d_forward(
@@ -142,16 +159,18 @@ def conv2d_forward(
     Args:
         x: (B, C, H, W).  w: (O, C, kh, kw).  b: (O,) or None.
     Returns:
-        ``(y, cache)`` with y (B, O, Ho, Wo); cache holds the column matrix,
-        ``w`` and the input shape.
+        ``(y, cache)`` with y (B, O, Ho, Wo); cache holds ``x``, ``w`` and the
+        input shape.  Backward rebuilds the column matrix from ``x``: keeping the
+        columns (kh*kw times the size of ``x``) instead measured slower here
+        (0.83 vs 0.74 s per flagship training step) besides costing the memory.
     """
     xp = backend.get_namespace(x, w)
     B, C, H, W = x.shape
     O, _, kh, kw = w.shape
     Ho = conv_output_size(H, kh, stride, pad)
     Wo = conv_output_size(W, kw, stride, pad)
-    flat = _uses_flat(kh, kw, stride, pad)
-    cols = im2col_flat(x, kh, kw, pad) if flat else im2col(x, kh, kw, stride, pad)
+    flat = _uses_flat(tuple(x.shape), kh, kw, stride, pad)
+    cols = _columns(x, kh, kw, stride, pad)
     y = xp.reshape(w, (O, C * kh * kw)) @ cols
     if b is not None:
         y = y + b[:, None]
@@ -161,17 +180,19 @@ def conv2d_forward(
     else:
         y = xp.reshape(y, (O, B, Ho, Wo))
     y = xp.permute_dims(y, (1, 0, 2, 3))
-    return y, (cols, w, tuple(x.shape), stride, pad, b is not None)
+    return y, (x, w, stride, pad, b is not None)
 
 
 def conv2d_backward(cache: tuple, gy: Any) -> tuple[Any, Any, Any | None]:
     """Gradients ``(gx, gw, gb)`` of ``conv2d_forward`` for output gradient ``gy`` (B, O, Ho, Wo)."""
-    cols, w, x_shape, stride, pad, has_bias = cache
+    x, w, stride, pad, has_bias = cache
     xp = backend.get_namespace(gy, w)
     O, C, kh, kw = w.shape
     B, _, Ho, Wo = gy.shape
+    x_shape = tuple(x.shape)
+    cols = _columns(x, kh, kw, stride, pad)
     gT = xp.permute_dims(gy, (1, 0, 2, 3))
-    flat = _uses_flat(kh, kw, stride, pad)
+    flat = _uses_flat(x_shape, kh, kw, stride, pad)
     if flat:
         # scatter gy onto the padded grid; positions outside (Ho, Wo) get zero gradient
         Hp, Wp = x_shape[2] + 2 * pad, x_shape[3] + 2 * pad
