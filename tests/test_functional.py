@@ -183,7 +183,8 @@ def test_conv_output_size(n, k, s, p, want):
 # ---------------------------------------------------------------------------
 @pytest.mark.parametrize("layout", ["window", "flat"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize(("H", "W", "k", "s", "p"), CONV_CASES, ids=CONV_IDS)
+@pytest.mark.parametrize(("H", "W", "k", "s", "p"), CONV_CASES + [(4, 5, 1, 1, 1)],
+                         ids=CONV_IDS + ["H4W5k1s1p1"])
 def test_conv2d_forward_backward_match_loops(xp, H, W, k, s, p, bias, layout, monkeypatch):
     # both column layouts of stride-1 convs: the window view, and the flattened padded grid
     monkeypatch.setattr(fc, "FLAT_MAX_WASTE", 0.0 if layout == "window" else float("inf"))
@@ -207,7 +208,7 @@ def test_conv2d_forward_backward_match_loops(xp, H, W, k, s, p, bias, layout, mo
 
 
 @pytest.mark.parametrize(("H", "W", "k", "p"), [(5, 7, 3, 1), (4, 4, 3, 0), (6, 5, 3, 2)])
-def test_flat_columns_are_adjoint_and_hold_the_windows(xp, H, W, k, p):
+def test_flat_columns_hold_the_windows(xp, H, W, k, p):
     rng = _rng(5, H, W, k, p)
     x = rng.standard_normal((2, 3, H, W))
     cols = backend.to_numpy(fc.im2col_flat(_to(xp, x), k, k, p))
@@ -215,9 +216,6 @@ def test_flat_columns_are_adjoint_and_hold_the_windows(xp, H, W, k, p):
     grid = cols.reshape(3, k, k, 2, Hp, Wp)[:, :, :, :, : Hp - k + 1, : Wp - k + 1]
     np.testing.assert_allclose(
         grid.reshape(3 * k * k, -1), ref_im2col(x, k, 1, p), rtol=0, atol=0)
-    c = rng.standard_normal(cols.shape)
-    back = backend.to_numpy(fc.col2im_flat(_to(xp, c), x.shape, k, k, p))
-    assert abs(np.sum(cols * c) - np.sum(x * back)) <= 1e-9 * np.sum(np.abs(cols * c))
 
 
 def test_layout_choice_follows_the_waste_bound():

@@ -15,8 +15,7 @@ the padded input gradient (col2im as a kh*kw slice loop).
 Stride-1 convolutions of large images use a variant of the same idea on the
 flattened, zero-padded grid: with the padded input laid out as (C, B*Hp*Wp),
 kernel offset (i, j) is a shift of the flat index by ``i*Wp + j``, so every row of
-the column matrix is ONE contiguous run (``backend.shifted_rows``) and col2im is
-kh*kw contiguous adds.  The product is evaluated on all B*Hp*Wp grid positions
+the column matrix is ONE contiguous run (``backend.shifted_rows``).  The product is evaluated on all B*Hp*Wp grid positions
 and the valid (Ho, Wo) corner of each padded image is kept; the discarded
 positions cost ``Hp*Wp / (Ho*Wo)`` times the matrix-product work (1.3x at 14x14,
 1.15x at 28x28) but the copies run at memory speed.  ``FLAT_MAX_WASTE`` picks it
@@ -31,7 +30,6 @@ from .. import backend
 
 __all__ = [
     "col2im",
-    "col2im_flat",
     "conv2d_backward",
     "conv2d_forward",
     "conv_output_size",
@@ -116,21 +114,6 @@ def im2col_flat(x: Any, kh: int, kw: int, pad: int) -> Any:
     return xp.reshape(backend.shifted_rows(flat, kh, kw, Wp, L), (C * kh * kw, L))
 
 
-def col2im_flat(cols: Any, x_shape: tuple[int, ...], kh: int, kw: int, pad: int) -> Any:
-    """Adjoint of ``im2col_flat``: (C*kh*kw, B*Hp*Wp) columns -> (B, C, H, W)."""
-    xp = backend.get_namespace(cols)
-    B, C, H, W = x_shape
-    Hp, Wp, L, tail = _flat_layout(x_shape, kh, kw, pad)
-    c4 = xp.reshape(cols, (C, kh, kw, L))
-    flat = xp.zeros((C, L + tail), dtype=cols.dtype, device=backend.device(cols))
-    for i in range(kh):
-        for j in range(kw):
-            o = i * Wp + j
-            flat[:, o : o + L] += c4[:, i, j, :]
-    grid = xp.reshape(flat[:, :L], (C, B, Hp, Wp))[:, :, pad : pad + H, pad : pad + W]
-    return xp.permute_dims(grid, (1, 0, 2, 3))
-
-
 # The flat layout pays for (Hp*Wp)/(Ho*Wo) times the products; it wins only where that waste
 # is small (28x28: 1.15) and loses to the window layout at 14x14 (1.31) and 7x7 (1.65), as
 # measured with benchmarks/bench.py and a per-conv timing on this project's 2-core machine.
@@ -184,29 +167,34 @@ def conv2d_forward(
 
 
 def conv2d_backward(cache: tuple, gy: Any) -> tuple[Any, Any, Any | None]:
-    """Gradients ``(gx, gw, gb)`` of ``conv2d_forward`` for output gradient ``gy`` (B, O, Ho, Wo)."""
+    """Gradients ``(gx, gw, gb)`` of ``conv2d_forward`` for output gradient ``gy`` (B, O, Ho, Wo).
+
+    ``gw = g @ cols^T`` with the rebuilt column matrix.  For stride 1 the input
+    gradient is itself a convolution: ``gy`` padded by ``k - 1 - p`` convolved with the
+    flipped, transposed kernel (C, O, kh, kw), a product whose inner dimension is
+    O*kh*kw; that measured 1.2-2.9x faster here than ``w^T @ g`` (inner dimension O)
+    followed by col2im.  Strided convolutions use ``w^T @ g`` and col2im.
+    """
     x, w, stride, pad, has_bias = cache
     xp = backend.get_namespace(gy, w)
     O, C, kh, kw = w.shape
     B, _, Ho, Wo = gy.shape
     x_shape = tuple(x.shape)
-    cols = _columns(x, kh, kw, stride, pad)
     gT = xp.permute_dims(gy, (1, 0, 2, 3))
-    flat = _uses_flat(x_shape, kh, kw, stride, pad)
-    if flat:
-        # scatter gy onto the padded grid; positions outside (Ho, Wo) get zero gradient
+    gb = xp.sum(gy, axis=(0, 2, 3)) if has_bias else None
+    if _uses_flat(x_shape, kh, kw, stride, pad):
+        # gy on the padded grid; positions outside (Ho, Wo) get zero gradient
         Hp, Wp = x_shape[2] + 2 * pad, x_shape[3] + 2 * pad
         grid = xp.zeros((O, B, Hp, Wp), dtype=gy.dtype, device=backend.device(gy))
         grid[:, :, :Ho, :Wo] = gT
         g = xp.reshape(grid, (O, B * Hp * Wp))
-        gb = xp.sum(gy, axis=(0, 2, 3)) if has_bias else None
     else:
         g = xp.reshape(gT, (O, B * Ho * Wo))
-        gb = xp.sum(g, axis=1) if has_bias else None
-    gw = xp.reshape(g @ cols.T, w.shape)
-    gcols = xp.reshape(w, (O, C * kh * kw)).T @ g
-    if flat:
-        gx = col2im_flat(gcols, x_shape, kh, kw, pad)
+    gw = xp.reshape(g @ _columns(x, kh, kw, stride, pad).T, w.shape)
+    if stride == 1 and pad <= kh - 1 and pad <= kw - 1 and kh == kw:
+        wt = xp.permute_dims(xp.flip(w, axis=(2, 3)), (1, 0, 2, 3))
+        gx, _ = conv2d_forward(gy, wt, None, 1, kh - 1 - pad)
     else:
+        gcols = xp.reshape(w, (O, C * kh * kw)).T @ xp.reshape(gT, (O, B * Ho * Wo))
         gx = col2im(gcols, x_shape, kh, kw, stride, pad)
     return gx, gw, gb

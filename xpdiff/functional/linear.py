@@ -10,11 +10,17 @@ __all__ = ["linear_backward", "linear_forward"]
 
 
 def linear_forward(x: Any, w: Any, b: Any | None) -> tuple[Any, tuple]:
-    """x (..., in), w (out, in), b (out,) or None -> y (..., out); cache ``(x, w)``."""
-    y = x @ w.T
+    """x (..., in), w (out, in), b (out,) or None -> y (..., out); cache ``(x, w)``.
+
+    Leading axes are folded into one (N, in) @ (in, out) product (a batched product over a
+    strided view would be many small ones).
+    """
+    xp = backend.get_namespace(x, w)
+    lead = tuple(x.shape[:-1])
+    y = xp.reshape(x, (-1, w.shape[1])) @ w.T
     if b is not None:
         y = y + b
-    return y, (x, w, b is not None)
+    return xp.reshape(y, (*lead, w.shape[0])), (x, w, b is not None)
 
 
 def linear_backward(cache: tuple, gy: Any) -> tuple[Any, Any, Any | None]:
@@ -25,5 +31,5 @@ def linear_backward(cache: tuple, gy: Any) -> tuple[Any, Any, Any | None]:
     x2 = xp.reshape(x, (-1, w.shape[1]))
     gw = g2.T @ x2
     gb = xp.sum(g2, axis=0) if has_bias else None
-    gx = gy @ w
+    gx = xp.reshape(g2 @ w, tuple(x.shape))
     return gx, gw, gb
