@@ -18,7 +18,8 @@ DEFAULT = "numpy,array_api_strict,torch"
 
 
 def _names() -> list[str]:
-    return [n.strip() for n in os.environ.get("XPDIFF_TEST_BACKENDS", DEFAULT).split(",") if n.strip()]
+    names = os.environ.get("XPDIFF_TEST_BACKENDS", DEFAULT).split(",")
+    return [n.strip() for n in names if n.strip()]
 
 
 def _param(name: str):

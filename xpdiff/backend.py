@@ -217,7 +217,7 @@ def to_namespace(x: Any, xp: Any, device: Any = None) -> Any:
 
 def _dtype_in(xp: Any, np_dtype: np.dtype) -> Any:
     name = np.dtype(np_dtype).name
-    return getattr(xp, name, None) or getattr(xp, "bool")
+    return getattr(xp, name, None) or xp.bool
 
 
 def dtype_name(dtype: Any) -> str:

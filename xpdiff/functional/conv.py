@@ -8,18 +8,20 @@ The column matrix ``cols`` is (C*kh*kw, B*Ho*Wo): row ``(c, i, j)`` holds input
 channel ``c`` shifted by kernel offset ``(i, j)``.  It is built from a strided
 window view (``backend.sliding_windows``) with one copy, so the forward is
 ``w.reshape(O, C*kh*kw) @ cols``; backward rebuilds ``cols`` from the cached
-input for the weight gradient.  The input gradient needs no scatter-add: ``w^T @ g`` gives the column
-gradient, and each of the kh*kw kernel offsets adds one strided slice back into
-the padded input gradient (col2im as a kh*kw slice loop).
+input for the weight gradient.  The input gradient needs no scatter-add: for
+stride 1 it is a convolution of the output gradient with the flipped kernel;
+for other strides ``w^T @ g`` gives the column gradient and each of the kh*kw
+kernel offsets adds one strided slice back (col2im as a kh*kw slice loop).
 
 Stride-1 convolutions of large images use a variant of the same idea on the
 flattened, zero-padded grid: with the padded input laid out as (C, B*Hp*Wp),
-kernel offset (i, j) is a shift of the flat index by ``i*Wp + j``, so every row of
-the column matrix is ONE contiguous run (``backend.shifted_rows``).  The product is evaluated on all B*Hp*Wp grid positions
-and the valid (Ho, Wo) corner of each padded image is kept; the discarded
-positions cost ``Hp*Wp / (Ho*Wo)`` times the matrix-product work (1.3x at 14x14,
-1.15x at 28x28) but the copies run at memory speed.  ``FLAT_MAX_WASTE`` picks it
-where that trade wins.
+kernel offset (i, j) is a shift of the flat index by ``i*Wp + j``, so every row
+of the column matrix is ONE contiguous run (``backend.shifted_rows``).  The
+product is evaluated on all B*Hp*Wp grid positions and the valid (Ho, Wo)
+corner of each padded image is kept; the discarded positions cost
+``Hp*Wp / (Ho*Wo)`` times the matrix-product work (1.3x at 14x14, 1.15x at
+28x28) but the copies run at memory speed.  ``FLAT_MAX_WASTE`` picks it where
+that trade wins.
 """
 
 from __future__ import annotations
@@ -107,10 +109,8 @@ def im2col_flat(x: Any, kh: int, kw: int, pad: int) -> Any:
     grid[:, :, pad : pad + H, pad : pad + W] = xp.permute_dims(x, (1, 0, 2, 3))
     if backend.library_name(xp) not in ("numpy", "cupy", "torch"):
         # namespaces without views: slicing copied the grid, so write through concat
-        flat = xp.concat(
-            [xp.reshape(grid, (C, L)), xp.zeros((C, tail), dtype=x.dtype, device=backend.device(x))],
-            axis=1,
-        )
+        zeros = xp.zeros((C, tail), dtype=x.dtype, device=backend.device(x))
+        flat = xp.concat([xp.reshape(grid, (C, L)), zeros], axis=1)
     return xp.reshape(backend.shifted_rows(flat, kh, kw, Wp, L), (C * kh * kw, L))
 
 

@@ -48,5 +48,6 @@ def embedding_backward(cache: tuple, gy: Any) -> Any:
     """Table gradient (num, dim): every repeated index ADDS its row (one-hot matmul)."""
     xp = backend.get_namespace(gy)
     idx, num = cache
-    onehot = xp.astype(idx[:, None] == xp.arange(num, device=backend.device(idx))[None, :], gy.dtype)
+    rows = xp.arange(num, device=backend.device(idx))
+    onehot = xp.astype(idx[:, None] == rows[None, :], gy.dtype)
     return onehot.T @ gy

@@ -76,7 +76,7 @@ class _DownBlock(Module):
 
     def _layers(self) -> list[tuple[ResnetBlock2D, Attention | None]]:
         attns = list(self.attentions) if self._with_attention else [None] * len(self.resnets)
-        return list(zip(self.resnets, attns))
+        return list(zip(self.resnets, attns, strict=True))
 
     def forward(self, hidden_states: Any, temb: Any) -> tuple[Any, tuple]:
         h = hidden_states
@@ -155,7 +155,7 @@ class _UpBlock(Module):
 
     def _layers(self) -> list[tuple[ResnetBlock2D, Attention | None]]:
         attns = list(self.attentions) if self._with_attention else [None] * len(self.resnets)
-        return list(zip(self.resnets, attns))
+        return list(zip(self.resnets, attns, strict=True))
 
     def forward(self, hidden_states: Any, res_hidden_states_tuple: tuple, temb: Any,
                 upsample_size: tuple[int, int] | None = None) -> Any:

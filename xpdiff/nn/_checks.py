@@ -31,7 +31,8 @@ def check_input(
     if ndim is not None and len(shape) != ndim:
         lay = f" {layout}" if layout else ""
         raise ValueError(f"{where}: expected a {ndim}-D input{lay}, got shape {shape}")
-    if size is not None and (len(shape) < (axis + 1 if axis >= 0 else -axis) or shape[axis] != size):
+    needed = axis + 1 if axis >= 0 else -axis
+    if size is not None and (len(shape) < needed or shape[axis] != size):
         raise ValueError(
             f"{where}: expected size {size} on axis {axis}, got shape {shape}"
         )

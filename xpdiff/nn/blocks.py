@@ -14,7 +14,7 @@ from ..functional import attention as fatt
 from ..functional import resampling as frs
 from ..functional.embeddings import timestep_embedding
 from ._checks import check_input
-from .layers import Conv2d, Dropout, GroupNorm, Identity, Linear, SiLU
+from .layers import Conv2d, Dropout, GroupNorm, Linear, SiLU
 from .module import Module, ModuleList
 
 __all__ = [

@@ -213,7 +213,8 @@ class Embedding(Module):
         xp = check_input(where, idx, ndim=1, layout="(N,)")
         backend.get_namespace(idx, self.weight.data, where=where)
         if not xp.isdtype(idx.dtype, "integral"):
-            raise TypeError(f"{where}: expected integer indices, got {backend.dtype_name(idx.dtype)}")
+            raise TypeError(
+                f"{where}: expected integer indices, got {backend.dtype_name(idx.dtype)}")
         if idx.shape[0] and (int(xp.min(idx)) < 0 or int(xp.max(idx)) >= self.num_embeddings):
             raise ValueError(
                 f"{where}: expected indices in [0, {self.num_embeddings}), got values in "

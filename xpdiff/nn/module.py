@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from .. import backend
 
@@ -205,7 +206,8 @@ class Module:
         ``backend_name`` is one of numpy, cupy, torch, array_api_strict.
         """
         if dtype is not None and dtype not in ("float32", "float64"):
-            raise ValueError(f"{type(self).__name__}.to: dtype must be float32 or float64, got {dtype!r}")
+            raise ValueError(
+                f"{type(self).__name__}.to: dtype must be float32 or float64, got {dtype!r}")
         for p in self.parameters():
             xp = (
                 backend.namespace_for(backend_name)
