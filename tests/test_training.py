@@ -159,3 +159,44 @@ def test_metrics_log_has_rates(tmp_path):
     rows = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and r["samples_per_s"] > 0 for r in rows)
+
+
+def test_kill_9_loses_only_the_steps_since_the_last_checkpoint(tmp_path):
+    """A real SIGKILL mid-run: resuming finishes with the weights of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(tiny(max_steps=40, checkpoint_every=2, log_every=100).to_json()))
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "xpdiff.cli", "train", "--config", str(cfg), "--no-progress",
+           "--no-samples"]
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd + ["--out", str(run)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ptr = run / "latest.json"
+        if ptr.exists() and json.loads(ptr.read_text())["step"] >= 6:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    last = latest_checkpoint(run)
+    assert last is not None
+    done = int(last.name.split("-")[1])
+    assert 6 <= done < 40
+    resumed = subprocess.run(cmd + ["--out", str(run), "--resume"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from step {done}" in resumed.stdout
+    whole = tmp_path / "whole"
+    subprocess.run(cmd + ["--out", str(whole)], env=env, check=True, capture_output=True,
+                   timeout=300)
+    a = io.load_safetensors(run / "checkpoint-0000040" / "unet" / io.WEIGHTS_NAME)
+    b = io.load_safetensors(whole / "checkpoint-0000040" / "unet" / io.WEIGHTS_NAME)
+    assert all(np.array_equal(a[k], b[k]) for k in b)
