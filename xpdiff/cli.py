@@ -46,19 +46,20 @@ def _train(args: argparse.Namespace) -> int:
     if not args.no_samples:
         out = run / "samples.png"
         _write_samples(run, out, None, args.sample_steps or cfg.sample_steps, "ddim",
-                       cfg.guidance_scale, 0, 10, cfg.backend)
+                       None, 0, 10, cfg.backend)
         print(f"wrote {out}")
     return 0
 
 
 def _write_samples(ckpt: Path, out: Path, gif: Path | None, steps: int, scheduler_name: str,
-                   guidance: float, seed: int, per_digit: int, backend_name: str) -> None:
+                   guidance: float | None, seed: int, per_digit: int, backend_name: str) -> None:
     from .images import save_gif, save_grid
     from .pipelines import generate
     from .schedulers import DDIMScheduler, DDPMScheduler
     from .training import load_for_sampling
 
     model, cfg = load_for_sampling(ckpt, backend_name)
+    guidance = cfg.guidance_scale if guidance is None else guidance
     kind = DDIMScheduler if scheduler_name == "ddim" else DDPMScheduler
     sched = kind(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
                  prediction_type=cfg.prediction_type)
@@ -92,17 +93,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .training import load_for_sampling
 
     model, cfg = load_for_sampling(args.checkpoint, args.backend)
+    guidance = cfg.guidance_scale if args.guidance is None else args.guidance
     clf = load_or_train_classifier(cfg.size, data_path=cfg.data)
     sched = DDIMScheduler(num_train_timesteps=cfg.num_train_timesteps,
                           beta_schedule=cfg.beta_schedule, prediction_type=cfg.prediction_type)
     labels = [d for d in range(10) for _ in range(args.per_digit)]
     t0 = time.perf_counter()
     res = generate(model, sched, labels, num_inference_steps=args.steps,
-                   guidance_scale=args.guidance, null_class=cfg.null_class, seed=args.seed)
+                   guidance_scale=guidance, null_class=cfg.null_class, seed=args.seed)
     took = time.perf_counter() - t0
     held = data.prepare(cfg.data, cfg.size, cfg.test_fraction, seed=0)
     report = evaluate_samples(clf, res.images, labels, held.x_test, held.y_test)
-    print(f"{len(labels)} samples, DDIM {args.steps} steps, guidance {args.guidance}, "
+    print(f"{len(labels)} samples, DDIM {args.steps} steps, guidance {guidance}, "
           f"seed {args.seed} ({took:.1f} s)")
     print(report.format())
     if args.json:
@@ -158,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gif", help="also write the denoising process as a GIF")
     s.add_argument("--scheduler", choices=("ddim", "ddpm"), default="ddim")
     s.add_argument("--steps", type=int, default=50)
-    s.add_argument("--guidance", type=float, default=2.0)
+    s.add_argument("--guidance", type=float, help="default: the run's guidance_scale")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--per-digit", type=int, default=10)
     s.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
@@ -168,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint")
     e.add_argument("--per-digit", type=int, default=100)
     e.add_argument("--steps", type=int, default=50)
-    e.add_argument("--guidance", type=float, default=2.0)
+    e.add_argument("--guidance", type=float, help="default: the run's guidance_scale")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
     e.add_argument("--json", help="also write the report as JSON")

