@@ -22,10 +22,9 @@ import math
 import operator
 import os
 import struct
-import tempfile
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
-from .. import backend
+from .. import backend, io
 
 __all__ = ["CONFIG_NAME", "BaseScheduler", "SchedulerOutput", "f32"]
 
@@ -334,20 +333,8 @@ class BaseScheduler:
                 f"{type(self).__name__}.save_config: expected a directory, "
                 f"got the file {directory!r}"
             )
-        os.makedirs(directory, exist_ok=True)
-        text = json.dumps(self.to_json_dict(), indent=2, sort_keys=True) + "\n"
         target = os.path.join(directory, CONFIG_NAME)
-        fd, tmp = tempfile.mkstemp(prefix=".scheduler_config.", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        io.save_json(self.to_json_dict(), target)
         return target
 
     @classmethod
