@@ -181,13 +181,10 @@ def test_conv_output_size(n, k, s, p, want):
 # ---------------------------------------------------------------------------
 # conv2d forward / backward
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize("layout", ["window", "flat"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize(("H", "W", "k", "s", "p"), CONV_CASES + [(4, 5, 1, 1, 1)],
                          ids=CONV_IDS + ["H4W5k1s1p1"])
-def test_conv2d_forward_backward_match_loops(xp, H, W, k, s, p, bias, layout, monkeypatch):
-    # both column layouts of stride-1 convs: the window view, and the flattened padded grid
-    monkeypatch.setattr(fc, "FLAT_MAX_WASTE", 0.0 if layout == "window" else float("inf"))
+def test_conv2d_forward_backward_match_loops(xp, H, W, k, s, p, bias):
     rng = _rng(2, H, W, k, s, p, bias)
     x = rng.standard_normal((2, 3, H, W))
     w = rng.standard_normal((4, 3, k, k))
@@ -205,24 +202,6 @@ def test_conv2d_forward_backward_match_loops(xp, H, W, k, s, p, bias, layout, mo
         _assert_allclose(gb, rgb)
     else:
         assert gb is None
-
-
-@pytest.mark.parametrize(("H", "W", "k", "p"), [(5, 7, 3, 1), (4, 4, 3, 0), (6, 5, 3, 2)])
-def test_flat_columns_hold_the_windows(xp, H, W, k, p):
-    rng = _rng(5, H, W, k, p)
-    x = rng.standard_normal((2, 3, H, W))
-    cols = backend.to_numpy(fc.im2col_flat(_to(xp, x), k, k, p))
-    Hp, Wp = H + 2 * p, W + 2 * p
-    grid = cols.reshape(3, k, k, 2, Hp, Wp)[:, :, :, :, : Hp - k + 1, : Wp - k + 1]
-    np.testing.assert_allclose(
-        grid.reshape(3 * k * k, -1), ref_im2col(x, k, 1, p), rtol=0, atol=0)
-
-
-def test_layout_choice_follows_the_waste_bound():
-    assert fc._uses_flat((2, 3, 28, 28), 3, 3, 1, 1)       # 30*30 / 28*28 = 1.15
-    assert not fc._uses_flat((2, 3, 14, 14), 3, 3, 1, 1)   # 16*16 / 14*14 = 1.31
-    assert not fc._uses_flat((2, 3, 28, 28), 3, 3, 2, 1)   # strided: window layout
-    assert not fc._uses_flat((2, 3, 28, 28), 1, 1, 1, 0)   # 1x1: a plain reshape
 
 
 # ---------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def test_warmup_cosine_shape():
     lrs = [warmup_cosine(s, 1.0, 10, 110, 0.1) for s in range(110)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.55)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
     assert lrs[-1] > 0.1
 
 

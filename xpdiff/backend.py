@@ -29,7 +29,6 @@ __all__ = [
     "is_numpy_namespace",
     "library_name",
     "set_backend",
-    "shifted_rows",
     "sliding_windows",
     "to_namespace",
     "to_numpy",
@@ -270,41 +269,6 @@ def sliding_windows(x: Any, kh: int, kw: int, stride: int = 1) -> Any:
         ]
         rows.append(xp.stack(cols, axis=-1))
     return xp.stack(rows, axis=-2)
-
-
-def shifted_rows(x: Any, kh: int, kw: int, row: int, length: int) -> Any:
-    """Shifted copies of the rows of a 2-D array, for im2col on a flattened padded grid.
-
-    ``x`` is (C, N) with ``N >= (kh - 1) * row + kw - 1 + length``.  Returns a
-    (C, kh, kw, length) array whose ``[c, i, j]`` is ``x[c, i*row + j : i*row + j + length]``:
-    a zero-copy view on NumPy/CuPy/PyTorch, a stack of slices elsewhere.
-    """
-    C = x.shape[0]
-    if array_api_compat.is_numpy_array(x) or array_api_compat.is_cupy_array(x):
-        s0, s1 = x.strides
-        mod = np if array_api_compat.is_numpy_array(x) else _cupy()
-        return mod.lib.stride_tricks.as_strided(
-            x, (C, kh, kw, length), (s0, s1 * row, s1, s1), **_ro(x)
-        )
-    if array_api_compat.is_torch_array(x):
-        s0, s1 = x.stride()
-        return x.as_strided((C, kh, kw, length), (s0, s1 * row, s1, s1), x.storage_offset())
-    xp = get_namespace(x)
-    rows = [
-        xp.stack([x[:, i * row + j : i * row + j + length] for j in range(kw)], axis=1)
-        for i in range(kh)
-    ]
-    return xp.stack(rows, axis=1)
-
-
-def _cupy() -> Any:
-    import cupy
-
-    return cupy
-
-
-def _ro(x: Any) -> dict:
-    return {"writeable": False} if isinstance(x, np.ndarray) else {}
 
 
 # ---------------------------------------------------------------------------

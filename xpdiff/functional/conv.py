@@ -12,16 +12,6 @@ input for the weight gradient.  The input gradient needs no scatter-add: for
 stride 1 it is a convolution of the output gradient with the flipped kernel;
 for other strides ``w^T @ g`` gives the column gradient and each of the kh*kw
 kernel offsets adds one strided slice back (col2im as a kh*kw slice loop).
-
-Stride-1 convolutions of large images use a variant of the same idea on the
-flattened, zero-padded grid: with the padded input laid out as (C, B*Hp*Wp),
-kernel offset (i, j) is a shift of the flat index by ``i*Wp + j``, so every row
-of the column matrix is ONE contiguous run (``backend.shifted_rows``).  The
-product is evaluated on all B*Hp*Wp grid positions and the valid (Ho, Wo)
-corner of each padded image is kept; the discarded positions cost
-``Hp*Wp / (Ho*Wo)`` times the matrix-product work (1.3x at 14x14, 1.15x at
-28x28) but the copies run at memory speed.  ``FLAT_MAX_WASTE`` picks it where
-that trade wins.
 """
 
 from __future__ import annotations
@@ -36,7 +26,6 @@ __all__ = [
     "conv2d_forward",
     "conv_output_size",
     "im2col",
-    "im2col_flat",
     "pad2d",
 ]
 
@@ -92,48 +81,6 @@ def col2im(
     return gx
 
 
-def _flat_layout(x_shape: tuple[int, ...], kh: int, kw: int, pad: int) -> tuple[int, ...]:
-    B, C, H, W = x_shape
-    Hp, Wp = H + 2 * pad, W + 2 * pad
-    L = B * Hp * Wp
-    return Hp, Wp, L, (kh - 1) * Wp + (kw - 1)
-
-
-def im2col_flat(x: Any, kh: int, kw: int, pad: int) -> Any:
-    """Stride-1 column matrix (C*kh*kw, B*Hp*Wp) on the flattened padded grid."""
-    xp = backend.get_namespace(x)
-    B, C, H, W = x.shape
-    Hp, Wp, L, tail = _flat_layout(tuple(x.shape), kh, kw, pad)
-    flat = xp.zeros((C, L + tail), dtype=x.dtype, device=backend.device(x))
-    grid = xp.reshape(flat[:, :L], (C, B, Hp, Wp))
-    grid[:, :, pad : pad + H, pad : pad + W] = xp.permute_dims(x, (1, 0, 2, 3))
-    if backend.library_name(xp) not in ("numpy", "cupy", "torch"):
-        # namespaces without views: slicing copied the grid, so write through concat
-        zeros = xp.zeros((C, tail), dtype=x.dtype, device=backend.device(x))
-        flat = xp.concat([xp.reshape(grid, (C, L)), zeros], axis=1)
-    return xp.reshape(backend.shifted_rows(flat, kh, kw, Wp, L), (C * kh * kw, L))
-
-
-# The flat layout pays for (Hp*Wp)/(Ho*Wo) times the products; it wins only where that waste
-# is small (28x28: 1.15) and loses to the window layout at 14x14 (1.31) and 7x7 (1.65), as
-# measured with benchmarks/bench.py and a per-conv timing on this project's 2-core machine.
-FLAT_MAX_WASTE = 1.2
-
-
-def _uses_flat(x_shape: tuple[int, ...], kh: int, kw: int, stride: int, pad: int) -> bool:
-    if stride != 1 or (kh == kw == 1 and pad == 0):
-        return False
-    H, W = x_shape[2], x_shape[3]
-    Ho, Wo = H + 2 * pad - kh + 1, W + 2 * pad - kw + 1
-    return (H + 2 * pad) * (W + 2 * pad) <= FLAT_MAX_WASTE * Ho * Wo
-
-
-def _columns(x: Any, kh: int, kw: int, stride: int, pad: int) -> Any:
-    if _uses_flat(tuple(x.shape), kh, kw, stride, pad):
-        return im2col_flat(x, kh, kw, pad)
-    return im2col(x, kh, kw, stride, pad)
-
-
 def conv2d_forward(
     x: Any, w: Any, b: Any | None, stride: int = 1, pad: int = 0
 ) -> tuple[Any, tuple]:
@@ -152,17 +99,11 @@ def conv2d_forward(
     O, _, kh, kw = w.shape
     Ho = conv_output_size(H, kh, stride, pad)
     Wo = conv_output_size(W, kw, stride, pad)
-    flat = _uses_flat(tuple(x.shape), kh, kw, stride, pad)
-    cols = _columns(x, kh, kw, stride, pad)
+    cols = im2col(x, kh, kw, stride, pad)
     y = xp.reshape(w, (O, C * kh * kw)) @ cols
     if b is not None:
         y = y + b[:, None]
-    if flat:
-        Hp, Wp = H + 2 * pad, W + 2 * pad
-        y = xp.reshape(y, (O, B, Hp, Wp))[:, :, :Ho, :Wo]
-    else:
-        y = xp.reshape(y, (O, B, Ho, Wo))
-    y = xp.permute_dims(y, (1, 0, 2, 3))
+    y = xp.permute_dims(xp.reshape(y, (O, B, Ho, Wo)), (1, 0, 2, 3))
     return y, (x, w, stride, pad, b is not None)
 
 
@@ -182,19 +123,12 @@ def conv2d_backward(cache: tuple, gy: Any) -> tuple[Any, Any, Any | None]:
     x_shape = tuple(x.shape)
     gT = xp.permute_dims(gy, (1, 0, 2, 3))
     gb = xp.sum(gy, axis=(0, 2, 3)) if has_bias else None
-    if _uses_flat(x_shape, kh, kw, stride, pad):
-        # gy on the padded grid; positions outside (Ho, Wo) get zero gradient
-        Hp, Wp = x_shape[2] + 2 * pad, x_shape[3] + 2 * pad
-        grid = xp.zeros((O, B, Hp, Wp), dtype=gy.dtype, device=backend.device(gy))
-        grid[:, :, :Ho, :Wo] = gT
-        g = xp.reshape(grid, (O, B * Hp * Wp))
-    else:
-        g = xp.reshape(gT, (O, B * Ho * Wo))
-    gw = xp.reshape(g @ _columns(x, kh, kw, stride, pad).T, w.shape)
+    g = xp.reshape(gT, (O, B * Ho * Wo))
+    gw = xp.reshape(g @ im2col(x, kh, kw, stride, pad).T, w.shape)
     if stride == 1 and pad <= kh - 1 and pad <= kw - 1 and kh == kw:
         wt = xp.permute_dims(xp.flip(w, axis=(2, 3)), (1, 0, 2, 3))
         gx, _ = conv2d_forward(gy, wt, None, 1, kh - 1 - pad)
     else:
-        gcols = xp.reshape(w, (O, C * kh * kw)).T @ xp.reshape(gT, (O, B * Ho * Wo))
+        gcols = xp.reshape(w, (O, C * kh * kw)).T @ g
         gx = col2im(gcols, x_shape, kh, kw, stride, pad)
     return gx, gw, gb
