@@ -45,8 +45,29 @@ def _add_temb(acc: Any, g: Any) -> Any:
     return g if acc is None else acc + g
 
 
-class _DownBlock(Module):
+class _Stack(Module):
+    """Resnets, each optionally followed by self-attention: the body of down and up blocks."""
+
     _with_attention = False
+
+    def _build(self, resnet_in: list[int], out_channels: int, temb_channels: int, eps: float,
+               groups: int, head_dim: int | None, scale: float, kw: dict) -> None:
+        self.resnets = ModuleList([
+            ResnetBlock2D(in_channels=c, out_channels=out_channels, temb_channels=temb_channels,
+                          eps=eps, groups=groups, output_scale_factor=scale, **kw)
+            for c in resnet_in
+        ])
+        if self._with_attention:
+            self.attentions = ModuleList([
+                _attention(out_channels, head_dim, groups, eps, scale, kw) for _ in resnet_in
+            ])
+
+    def _layers(self) -> list[tuple[ResnetBlock2D, Attention | None]]:
+        attns = list(self.attentions) if self._with_attention else [None] * len(self.resnets)
+        return list(zip(self.resnets, attns, strict=True))
+
+
+class _DownBlock(_Stack):
 
     def __init__(
         self, *, in_channels: int, out_channels: int, temb_channels: int, num_layers: int = 1,
@@ -56,27 +77,14 @@ class _DownBlock(Module):
     ):
         super().__init__()
         kw = {"dtype": dtype, "xp": xp}
-        self.resnets = ModuleList([
-            ResnetBlock2D(in_channels=in_channels if i == 0 else out_channels,
-                          out_channels=out_channels, temb_channels=temb_channels, eps=resnet_eps,
-                          groups=resnet_groups, output_scale_factor=output_scale_factor, **kw)
-            for i in range(num_layers)
-        ])
-        if self._with_attention:
-            self.attentions = ModuleList([
-                _attention(out_channels, attention_head_dim, resnet_groups, resnet_eps,
-                           output_scale_factor, kw)
-                for _ in range(num_layers)
-            ])
+        self._build([in_channels] + [out_channels] * (num_layers - 1), out_channels,
+                    temb_channels, resnet_eps, resnet_groups, attention_head_dim,
+                    output_scale_factor, kw)
         self.downsamplers = (
             ModuleList([Downsample2D(out_channels, out_channels=out_channels,
                                      padding=downsample_padding, **kw)])
             if add_downsample else None
         )
-
-    def _layers(self) -> list[tuple[ResnetBlock2D, Attention | None]]:
-        attns = list(self.attentions) if self._with_attention else [None] * len(self.resnets)
-        return list(zip(self.resnets, attns, strict=True))
 
     def forward(self, hidden_states: Any, temb: Any) -> tuple[Any, tuple]:
         h = hidden_states
@@ -122,8 +130,7 @@ class AttnDownBlock2D(_DownBlock):
     _with_attention = True
 
 
-class _UpBlock(Module):
-    _with_attention = False
+class _UpBlock(_Stack):
 
     def __init__(
         self, *, in_channels: int, prev_output_channel: int, out_channels: int,
@@ -138,24 +145,11 @@ class _UpBlock(Module):
                               for i in range(num_layers)]
         self.hidden_channels = [prev_output_channel if i == 0 else out_channels
                                 for i in range(num_layers)]
-        self.resnets = ModuleList([
-            ResnetBlock2D(in_channels=self.hidden_channels[i] + self.skip_channels[i],
-                          out_channels=out_channels, temb_channels=temb_channels, eps=resnet_eps,
-                          groups=resnet_groups, output_scale_factor=output_scale_factor, **kw)
-            for i in range(num_layers)
-        ])
-        if self._with_attention:
-            self.attentions = ModuleList([
-                _attention(out_channels, attention_head_dim, resnet_groups, resnet_eps,
-                           output_scale_factor, kw)
-                for _ in range(num_layers)
-            ])
+        self._build([h + k for h, k in zip(self.hidden_channels, self.skip_channels, strict=True)],
+                    out_channels, temb_channels, resnet_eps, resnet_groups, attention_head_dim,
+                    output_scale_factor, kw)
         self.upsamplers = (ModuleList([Upsample2D(out_channels, out_channels=out_channels, **kw)])
                            if add_upsample else None)
-
-    def _layers(self) -> list[tuple[ResnetBlock2D, Attention | None]]:
-        attns = list(self.attentions) if self._with_attention else [None] * len(self.resnets)
-        return list(zip(self.resnets, attns, strict=True))
 
     def forward(self, hidden_states: Any, res_hidden_states_tuple: tuple, temb: Any,
                 upsample_size: tuple[int, int] | None = None) -> Any:
