@@ -598,14 +598,12 @@ def section_sample(args: argparse.Namespace, results: dict) -> None:
     from xpdiff.models import UNet2DModel
     from xpdiff.nn import init
     from xpdiff.pipelines import generate
-    from xpdiff.schedulers import DDIMScheduler
     from xpdiff.training import TrainConfig
 
     tc = TrainConfig()
     init.manual_seed(0)
     model = UNet2DModel(**unet_config("flagship"), xp=backend.namespace_for("numpy"))
-    sched = DDIMScheduler(num_train_timesteps=tc.num_train_timesteps,
-                          beta_schedule=tc.beta_schedule, prediction_type=tc.prediction_type)
+    sched = tc.sampling_scheduler("ddim")
     labels = [i % 10 for i in range(args.sample_digits)]
     steps = args.sample_steps
     print(f"[sample] {len(labels)} digits, DDIM {steps} steps, guidance 2 ...", flush=True)

@@ -20,8 +20,9 @@ def main() -> None:
     args = p.parse_args()
 
     model, config = load_for_sampling(args.run, args.backend)  # EMA weights
+    # no x_0 clipping: with the cosine schedule it spoils guided DDIM samples
     scheduler = DDIMScheduler(num_train_timesteps=config.num_train_timesteps,
-                              beta_schedule=config.beta_schedule)
+                              beta_schedule=config.beta_schedule, clip_sample=False)
     labels = [digit for digit in range(10) for _ in range(8)]
     result = generate(model, scheduler, labels, num_inference_steps=50,
                       guidance_scale=args.guidance, null_class=config.null_class, seed=0)

@@ -568,3 +568,30 @@ def test_mse_loss_value_and_default_backward(xp):
     assert out.ndim == 0
     assert float(out) == pytest.approx(float(((p - t) ** 2).mean()), rel=1e-14)
     np.testing.assert_allclose(backend.to_numpy(loss.backward()), 2 * (p - t) / 6, rtol=1e-14)
+
+
+def test_weighted_mse_loss_value_gradient_and_errors(xp):
+    from xpdiff.functional.losses import mse_loss
+
+    rng = np.random.default_rng(1)
+    p, t = rng.standard_normal((3, 2, 4)), rng.standard_normal((3, 2, 4))
+    w = np.array([0.5, 2.0, 0.0])
+    loss, grad = mse_loss(backend.asarray(p, xp), backend.asarray(t, xp), backend.asarray(w, xp))
+    per_sample = ((p - t) ** 2).mean(axis=(1, 2))
+    assert float(loss) == pytest.approx(float((w * per_sample).mean()), rel=1e-14)
+    # the gradient against a central difference of the loss, element by element
+    num = np.zeros_like(p)
+    for idx in np.ndindex(p.shape):
+        d = np.zeros_like(p)
+        d[idx] = 1e-6
+        lp = ((w[:, None, None] * (p + d - t) ** 2).mean(axis=(1, 2))).mean()
+        lm = ((w[:, None, None] * (p - d - t) ** 2).mean(axis=(1, 2))).mean()
+        num[idx] = (lp - lm) / 2e-6
+    np.testing.assert_allclose(backend.to_numpy(grad), num, rtol=1e-6, atol=1e-10)
+    # all-ones weights give the plain mean
+    pa, ta = backend.asarray(p, xp), backend.asarray(t, xp)
+    ones, _ = mse_loss(pa, ta, backend.asarray(np.ones(3), xp))
+    plain, _ = mse_loss(pa, ta)
+    assert float(ones) == pytest.approx(float(plain), rel=1e-14)
+    with pytest.raises(ValueError, match=r"one weight per sample, shape \(3,\), got \(2,\)"):
+        mse_loss(pa, ta, backend.asarray(w[:2], xp))

@@ -122,7 +122,37 @@ def test_resume_refuses_other_settings(tmp_path):
         other.resume()
 
 
+def test_min_snr_weights(tmp_path):
+    tr = Trainer(tiny(snr_gamma=5.0), tmp_path / "g", progress=False)
+    abar = np.array(tr.noise_scheduler.alphas_cumprod)
+    snr = abar / (1 - abar)
+    np.testing.assert_allclose(np.asarray(tr.loss_weights), np.minimum(snr, 5.0) / snr, rtol=1e-6)
+    w = np.asarray(tr.loss_weights)
+    assert float(w[0]) < 0.01 and float(w[-1]) == 1.0
+    tr.train()
+    # a gamma above every SNR weights every sample by exactly 1: the plain loss, bit for bit
+    Trainer(tiny(), tmp_path / "plain", progress=False).train()
+    Trainer(tiny(snr_gamma=float(snr.max()) * 2), tmp_path / "one", progress=False).train()
+    assert losses(tmp_path / "one") == losses(tmp_path / "plain")
+    assert losses(tmp_path / "g") != losses(tmp_path / "plain")
+
+
+def test_sampling_scheduler_follows_the_run():
+    from xpdiff.schedulers import DDIMScheduler, DDPMScheduler
+
+    cfg = tiny(beta_schedule="linear")
+    ddim, ddpm = cfg.sampling_scheduler("ddim"), cfg.sampling_scheduler("ddpm")
+    assert isinstance(ddim, DDIMScheduler) and isinstance(ddpm, DDPMScheduler)
+    for s in (ddim, ddpm):
+        assert s.config["beta_schedule"] == "linear" and s.config["clip_sample"] is False
+    assert tiny(clip_sample=True).sampling_scheduler().config["clip_sample"] is True
+    with pytest.raises(ValueError, match="expected 'ddim' or 'ddpm', got 'euler'"):
+        cfg.sampling_scheduler("euler")
+
+
 def test_config_validation():
+    with pytest.raises(ValueError, match="snr_gamma must be > 0 or None, got 0"):
+        tiny(snr_gamma=0).validate()
     with pytest.raises(ValueError, match="size must be 14 or 28, got 20"):
         tiny(size=20).validate()
     with pytest.raises(ValueError, match="unknown keys"):

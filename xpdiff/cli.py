@@ -55,14 +55,11 @@ def _write_samples(ckpt: Path, out: Path, gif: Path | None, steps: int, schedule
                    guidance: float | None, seed: int, per_digit: int, backend_name: str) -> None:
     from .images import save_gif, save_grid
     from .pipelines import generate
-    from .schedulers import DDIMScheduler, DDPMScheduler
     from .training import load_for_sampling
 
     model, cfg = load_for_sampling(ckpt, backend_name)
     guidance = cfg.guidance_scale if guidance is None else guidance
-    kind = DDIMScheduler if scheduler_name == "ddim" else DDPMScheduler
-    sched = kind(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
-                 prediction_type=cfg.prediction_type)
+    sched = cfg.sampling_scheduler(scheduler_name)
     labels = [d for d in range(10) for _ in range(per_digit)]
     t0 = time.perf_counter()
     res = generate(model, sched, labels, num_inference_steps=steps, guidance_scale=guidance,
@@ -89,14 +86,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     from . import data
     from .evaluation import evaluate_samples, load_or_train_classifier
     from .pipelines import generate
-    from .schedulers import DDIMScheduler
     from .training import load_for_sampling
 
     model, cfg = load_for_sampling(args.checkpoint, args.backend)
     guidance = cfg.guidance_scale if args.guidance is None else args.guidance
     clf = load_or_train_classifier(cfg.size, data_path=cfg.data)
-    sched = DDIMScheduler(num_train_timesteps=cfg.num_train_timesteps,
-                          beta_schedule=cfg.beta_schedule, prediction_type=cfg.prediction_type)
+    sched = cfg.sampling_scheduler("ddim")
     labels = [d for d in range(10) for _ in range(args.per_digit)]
     t0 = time.perf_counter()
     res = generate(model, sched, labels, num_inference_steps=args.steps,

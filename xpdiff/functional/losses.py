@@ -10,8 +10,14 @@ from .. import backend
 __all__ = ["cross_entropy", "mse_loss"]
 
 
-def mse_loss(pred: Any, target: Any) -> tuple[Any, Any]:
-    """Mean squared error over every element; returns ``(loss, d loss / d pred)``."""
+def mse_loss(pred: Any, target: Any, weight: Any | None = None) -> tuple[Any, Any]:
+    """Mean squared error; returns ``(loss, d loss / d pred)``.
+
+    Without ``weight`` the mean runs over every element.  With ``weight`` (B,), one
+    non-negative factor per sample along the first axis, the loss is
+    ``sum_b weight[b] * mean(diff[b]**2) / B``: each sample's mean squared error,
+    weighted, averaged over the batch (equal to the plain mean when all weights are 1).
+    """
     xp = backend.get_namespace(pred, target)
     if tuple(pred.shape) != tuple(target.shape):
         raise ValueError(
@@ -20,7 +26,16 @@ def mse_loss(pred: Any, target: Any) -> tuple[Any, Any]:
         )
     diff = pred - target
     n = math.prod(pred.shape)
-    return xp.sum(diff * diff) / n, diff * (2.0 / n)
+    if weight is None:
+        return xp.sum(diff * diff) / n, diff * (2.0 / n)
+    if pred.ndim < 1 or tuple(weight.shape) != (pred.shape[0],):
+        want = f"({pred.shape[0]},)" if pred.ndim else "(B,) for a batched prediction"
+        raise ValueError(
+            f"mse_loss: expected one weight per sample, shape {want}, got {tuple(weight.shape)}"
+        )
+    w = xp.reshape(xp.astype(weight, pred.dtype), (pred.shape[0],) + (1,) * (pred.ndim - 1))
+    wd = w * diff
+    return xp.sum(wd * diff) / n, wd * (2.0 / n)
 
 
 def cross_entropy(logits: Any, labels: Any) -> tuple[Any, Any]:
