@@ -150,6 +150,21 @@ def test_sampling_scheduler_follows_the_run():
         cfg.sampling_scheduler("euler")
 
 
+def test_example_config_files_load_and_build(tmp_path):
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parent.parent / "examples").glob("*.json"))
+    assert files, "examples/ should hold at least one TrainConfig JSON file"
+    for f in files:
+        cfg = TrainConfig.from_json(io.load_json(f))
+        cfg.validate()
+        cfg.max_steps, cfg.batch_size = 1, 2
+        tr = Trainer(cfg, tmp_path / f.stem, progress=False)
+        x = tr.x_train[:2]
+        loss, _ = tr.train_step(x, tr.y_train[:2])
+        assert math.isfinite(loss)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="snr_gamma must be > 0 or None, got 0"):
         tiny(snr_gamma=0).validate()
