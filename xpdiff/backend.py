@@ -24,8 +24,9 @@ import numpy as np
 __all__ = [
     "Generator",
     "asarray",
-    "copy_reshape",
     "available_backends",
+    "copy_reshape",
+    "copy_threads",
     "default_namespace",
     "device",
     "get_backend",
@@ -324,7 +325,7 @@ class Generator:
 
 
 # ---------------------------------------------------------------------------
-# host arrays from raw bytes (for xpdiff.data, which must not import numpy)
+# materialising strided views (the im2col copy)
 # ---------------------------------------------------------------------------
 # The copy of a window view into the column matrix is memory-bound work that NumPy
 # runs on one thread while BLAS runs on all of them; split into pieces along the first
@@ -332,6 +333,7 @@ class Generator:
 # matrix of a 64-channel 14x14 batch of 64 took 3.4 ms instead of 5.2 ms (2 cores).
 _COPY_MIN_ELEMENTS = 1 << 20
 _copy_pool: ThreadPoolExecutor | None = None
+_copy_pool_size = 0
 _copy_lock = threading.Lock()
 
 
@@ -352,10 +354,12 @@ def copy_threads() -> int:
 
 
 def _pool(n: int) -> ThreadPoolExecutor:
-    global _copy_pool
+    """The shared copy pool, grown to at least ``n`` workers."""
+    global _copy_pool, _copy_pool_size
     with _copy_lock:
-        if _copy_pool is None or _copy_pool._max_workers < n:
+        if _copy_pool is None or _copy_pool_size < n:
             _copy_pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="xpdiff-copy")
+            _copy_pool_size = n
         return _copy_pool
 
 
@@ -383,6 +387,9 @@ def copy_reshape(x: Any, shape: tuple[int, ...]) -> Any:
     return xp.reshape(out, shape)
 
 
+# ---------------------------------------------------------------------------
+# host arrays from raw bytes (for xpdiff.data, which must not import numpy)
+# ---------------------------------------------------------------------------
 def host_frombuffer(buf: bytes | bytearray | memoryview, shape: tuple[int, ...]) -> np.ndarray:
     """A writable host (NumPy) uint8 array of ``shape`` holding a copy of the bytes ``buf``.
 
