@@ -123,13 +123,15 @@ class Attention(Module):
         out = xp.reshape(xp.permute_dims(out, (0, 2, 1)), (B, C, H, W))
         if self.residual_connection:
             out = out + x
-        return out / self.rescale_output_factor
+        f = self.rescale_output_factor
+        return out if f == 1.0 else out / f  # x / 1.0 == x: skip the pass
 
     def backward(self, grad_output: Any) -> Any:
         xp = backend.get_namespace(grad_output)
         cache = self._take()
         B, C, H, W = grad_output.shape
-        g = grad_output / self.rescale_output_factor
+        f = self.rescale_output_factor
+        g = grad_output if f == 1.0 else grad_output / f
         gout = xp.permute_dims(xp.reshape(g, (B, C, H * W)), (0, 2, 1))
         go = self._split(xp, self.to_out[0].backward(gout))
         gq, gk, gv = fatt.sdpa_backward(cache, go)
@@ -231,11 +233,13 @@ class ResnetBlock2D(Module):
             h = h + t[:, :, None, None]
         h = self.conv2(self.dropout(self._act2(self.norm2(h))))
         sc = self.conv_shortcut(x) if self.conv_shortcut is not None else x
-        return (sc + h) / self.output_scale_factor
+        f = self.output_scale_factor
+        return sc + h if f == 1.0 else (sc + h) / f  # x / 1.0 == x: skip the pass
 
     def backward(self, grad_output: Any) -> tuple[Any, Any | None]:
         xp = backend.get_namespace(grad_output)
-        g = grad_output / self.output_scale_factor
+        f = self.output_scale_factor
+        g = grad_output if f == 1.0 else grad_output / f
         gsc = self.conv_shortcut.backward(g) if self.conv_shortcut is not None else g
         gh = self.norm2.backward(self._act2.backward(self.dropout.backward(self.conv2.backward(g))))
         gtemb = None
