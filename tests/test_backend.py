@@ -308,27 +308,3 @@ def test_only_backend_imports_array_libraries():
         + "\n".join(f"  {f}: {'; '.join(h)}" for f, h in offenders.items())
     )
 
-
-@pytest.mark.parametrize("threads", ["1", "2", "3"])
-def test_copy_reshape_equals_reshape(xp, monkeypatch, threads):
-    monkeypatch.setenv("XPDIFF_COPY_THREADS", threads)
-    rng = np.random.default_rng(0)
-    for shape in [(5, 4, 3, 2), (40, 3, 3, 8, 30, 30)]:  # below and above the threaded size
-        base = backend.asarray(rng.standard_normal(shape).astype(np.float32), xp)
-        view = xp.permute_dims(base, tuple(reversed(range(len(shape)))))
-        target = (shape[-1] * shape[-2], -1)
-        got = backend.copy_reshape(view, target)
-        want = xp.reshape(view, target)
-        assert tuple(got.shape) == tuple(want.shape)
-        assert np.array_equal(backend.to_numpy(got), backend.to_numpy(want))
-
-
-def test_copy_threads_setting(monkeypatch):
-    monkeypatch.setenv("XPDIFF_COPY_THREADS", "3")
-    assert backend.copy_threads() == 3
-    monkeypatch.delenv("XPDIFF_COPY_THREADS")
-    assert 1 <= backend.copy_threads() <= 4
-    for bad in ("0", "two"):
-        monkeypatch.setenv("XPDIFF_COPY_THREADS", bad)
-        with pytest.raises(ValueError, match=f"expected a positive integer, got '{bad}'"):
-            backend.copy_threads()

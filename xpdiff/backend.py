@@ -6,16 +6,13 @@ its inputs (``xp = get_namespace(x)``).  What the standard lacks lives here:
 * choosing the default backend (``set_backend`` / ``XPDIFF_BACKEND``),
 * moving arrays between libraries and to NumPy,
 * sliding-window views for im2col (stride tricks on NumPy/CuPy, ``as_strided``
-  on PyTorch, a portable slice loop for any other namespace), and the copy that
-  turns such a view into a matrix (on NumPy split over a few threads),
+  on PyTorch, a portable slice loop for any other namespace),
 * seeded random numbers with a saveable state.
 """
 
 from __future__ import annotations
 
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import array_api_compat
@@ -25,8 +22,6 @@ __all__ = [
     "Generator",
     "asarray",
     "available_backends",
-    "copy_reshape",
-    "copy_threads",
     "default_namespace",
     "device",
     "get_backend",
@@ -322,69 +317,6 @@ class Generator:
 
     def set_state(self, state: dict) -> None:
         self._gen.bit_generator.state = state
-
-
-# ---------------------------------------------------------------------------
-# materialising strided views (the im2col copy)
-# ---------------------------------------------------------------------------
-# The copy of a window view into the column matrix is memory-bound work that NumPy
-# runs on one thread while BLAS runs on all of them; split into pieces along the first
-# axis and copied by a few threads (NumPy releases the GIL while it copies), the column
-# matrix of a 64-channel 14x14 batch of 64 took 3.4 ms instead of 5.2 ms (2 cores).
-_COPY_MIN_ELEMENTS = 1 << 20
-_copy_pool: ThreadPoolExecutor | None = None
-_copy_pool_size = 0
-_copy_lock = threading.Lock()
-
-
-def copy_threads() -> int:
-    """Threads used by ``copy_reshape`` on NumPy: ``XPDIFF_COPY_THREADS``, or the number
-    of usable cores (at most 4); 1 disables the threaded copy."""
-    env = os.environ.get("XPDIFF_COPY_THREADS")
-    if env is not None:
-        n = int(env) if env.strip().isdigit() else 0
-        if n < 1:
-            raise ValueError(f"XPDIFF_COPY_THREADS: expected a positive integer, got {env!r}")
-        return n
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(4, cores))
-
-
-def _pool(n: int) -> ThreadPoolExecutor:
-    """The shared copy pool, grown to at least ``n`` workers."""
-    global _copy_pool, _copy_pool_size
-    with _copy_lock:
-        if _copy_pool is None or _copy_pool_size < n:
-            _copy_pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="xpdiff-copy")
-            _copy_pool_size = n
-        return _copy_pool
-
-
-def copy_reshape(x: Any, shape: tuple[int, ...]) -> Any:
-    """``reshape(x, shape)`` for a view that needs a copy (e.g. permuted windows).
-
-    The result is a new C-contiguous array equal to ``xp.reshape(x, shape)``.  Large
-    NumPy arrays are copied in pieces along the first axis by ``copy_threads()``
-    threads; every other namespace (and small arrays) uses ``xp.reshape``.
-    """
-    xp = get_namespace(x)
-    n = copy_threads()
-    if not isinstance(x, np.ndarray) or n == 1 or x.size < _COPY_MIN_ELEMENTS or x.ndim == 0 \
-            or x.shape[0] < n:
-        return xp.reshape(x, shape)
-    out = np.empty(x.shape, dtype=x.dtype)
-    bounds = np.linspace(0, x.shape[0], n + 1).astype(int)
-    pieces = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
-
-    def work(piece: tuple[int, int]) -> None:
-        a, b = piece
-        np.copyto(out[a:b], x[a:b])
-
-    list(_pool(n).map(work, pieces))
-    return xp.reshape(out, shape)
 
 
 # ---------------------------------------------------------------------------

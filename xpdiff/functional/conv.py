@@ -54,8 +54,7 @@ def im2col(x: Any, kh: int, kw: int, stride: int = 1, pad: int = 0) -> Any:
         return xp.reshape(xp.permute_dims(x, (1, 0, 2, 3)), (C, B * H * W))
     win = backend.sliding_windows(pad2d(x, pad), kh, kw, stride)  # (B, C, Ho, Wo, kh, kw)
     Ho, Wo = win.shape[2], win.shape[3]
-    return backend.copy_reshape(xp.permute_dims(win, (1, 4, 5, 0, 2, 3)),
-                                (C * kh * kw, B * Ho * Wo))
+    return xp.reshape(xp.permute_dims(win, (1, 4, 5, 0, 2, 3)), (C * kh * kw, B * Ho * Wo))
 
 
 def col2im(
