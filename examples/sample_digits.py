@@ -7,7 +7,6 @@ import argparse
 
 from xpdiff.images import save_grid
 from xpdiff.pipelines import generate
-from xpdiff.schedulers import DDIMScheduler
 from xpdiff.training import load_for_sampling
 
 
@@ -20,9 +19,9 @@ def main() -> None:
     args = p.parse_args()
 
     model, config = load_for_sampling(args.run, args.backend)  # EMA weights
-    # no x_0 clipping: with the cosine schedule it spoils guided DDIM samples
-    scheduler = DDIMScheduler(num_train_timesteps=config.num_train_timesteps,
-                              beta_schedule=config.beta_schedule, clip_sample=False)
+    # DDIM with the run's noise schedule; x_0 is not clipped (config.clip_sample), which
+    # spoils guided samples under the cosine schedule
+    scheduler = config.sampling_scheduler("ddim")
     labels = [digit for digit in range(10) for _ in range(8)]
     result = generate(model, scheduler, labels, num_inference_steps=50,
                       guidance_scale=args.guidance, null_class=config.null_class, seed=0)

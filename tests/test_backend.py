@@ -307,4 +307,3 @@ def test_only_backend_imports_array_libraries():
         "only xpdiff/backend.py may import numpy, cupy or torch; found:\n"
         + "\n".join(f"  {f}: {'; '.join(h)}" for f, h in offenders.items())
     )
-
