@@ -593,5 +593,12 @@ def test_weighted_mse_loss_value_gradient_and_errors(xp):
     ones, _ = mse_loss(pa, ta, backend.asarray(np.ones(3), xp))
     plain, _ = mse_loss(pa, ta)
     assert float(ones) == pytest.approx(float(plain), rel=1e-14)
+    # an independent reference: PyTorch autograd of the same weighted loss
+    tp = torch.tensor(p, requires_grad=True)
+    tw = torch.tensor(w)
+    ref = (tw * ((tp - torch.tensor(t)) ** 2).mean(dim=(1, 2))).mean()
+    ref.backward()
+    assert float(loss) == pytest.approx(ref.item(), rel=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(grad), tp.grad.numpy(), rtol=1e-12, atol=1e-15)
     with pytest.raises(ValueError, match=r"one weight per sample, shape \(3,\), got \(2,\)"):
         mse_loss(pa, ta, backend.asarray(w[:2], xp))
