@@ -340,7 +340,7 @@ FLOPS: dict[str, Callable[[Callable, tuple, dict], float]] = {
         tuple(_bound(f, a, k)["cache"][0].shape), tuple(_bound(f, a, k)["cache"][1].shape)),
     "sdpa_forward": lambda f, a, k: _sdpa_flops(
         tuple(_bound(f, a, k)["q"].shape), tuple(_bound(f, a, k)["k"].shape)),
-    "sdpa_backward": lambda f, a, k: 2 * _sdpa_flops(
+    "sdpa_backward": lambda f, a, k: 2.5 * _sdpa_flops(  # recomputes q @ k^T
         tuple(_bound(f, a, k)["cache"][0].shape), tuple(_bound(f, a, k)["cache"][1].shape)),
 }
 

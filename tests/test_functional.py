@@ -1,4 +1,4 @@
-"""xpdiff.functional.conv and backend.sliding_windows against brute-force Python loops.
+"""xpdiff.functional.conv, attention and backend.sliding_windows against brute-force loops.
 
 Every reference is computed on the host with NumPy and plain index loops, so it
 shares nothing with the im2col formulation under test.
@@ -242,3 +242,51 @@ def test_sliding_windows_match_slicing(xp, H, W, kh, kw, s, view):
     want = ref_windows(np.ascontiguousarray(host), kh, kw, s)
     assert tuple(win.shape) == want.shape
     np.testing.assert_array_equal(backend.to_numpy(win), want)
+
+
+# ---------------------------------------------------------------------------
+# scaled dot-product attention
+# ---------------------------------------------------------------------------
+def ref_sdpa(q, k, v, go, scale):
+    """Per (batch, head, query) loops with the attention matrix written out: the
+    textbook forward and the gradient of sum(o * go), no row-statistics shortcuts."""
+    B, h, N, d = q.shape
+    M = k.shape[2]
+    o = np.zeros_like(q)
+    gq, gk, gv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    for b in range(B):
+        for a in range(h):
+            for i in range(N):
+                s = np.array([scale * float(q[b, a, i] @ k[b, a, j]) for j in range(M)])
+                p = np.exp(s - s.max())
+                p /= p.sum()
+                o[b, a, i] = sum(p[j] * v[b, a, j] for j in range(M))
+                gp = np.array([float(go[b, a, i] @ v[b, a, j]) for j in range(M)])
+                gs = p * (gp - float(p @ gp))
+                for j in range(M):
+                    gv[b, a, j] += p[j] * go[b, a, i]
+                    gq[b, a, i] += scale * gs[j] * k[b, a, j]
+                    gk[b, a, j] += scale * gs[j] * q[b, a, i]
+    return o, gq, gk, gv
+
+
+@pytest.mark.parametrize(("N", "M"), [(5, 5), (4, 7)], ids=["self", "cross"])
+def test_sdpa_matches_loops_and_keeps_no_attention_matrix(xp, N, M):
+    from xpdiff.functional import attention as fa
+    rng = _rng(7, N, M)
+    B, h, d = 2, 3, 4
+    q = rng.standard_normal((B, h, N, d)) * 2.0   # large scores: the max shift matters
+    k = rng.standard_normal((B, h, M, d)) * 2.0
+    v = rng.standard_normal((B, h, M, d))
+    go = rng.standard_normal((B, h, N, d))
+    scale = d ** -0.5
+    o, cache = fa.sdpa_forward(_to(xp, q), _to(xp, k), _to(xp, v), scale)
+    ro, rgq, rgk, rgv = ref_sdpa(q, k, v, go, scale)
+    _assert_allclose(o, ro)
+    # the cache holds (B, h, N, 1) row statistics, never the (B, h, N, M) probabilities
+    shapes = [tuple(c.shape) for c in cache if hasattr(c, "shape")]
+    assert (B, h, N, M) not in shapes, shapes
+    gq, gk, gv = fa.sdpa_backward(cache, _to(xp, go))
+    _assert_allclose(gq, rgq)
+    _assert_allclose(gk, rgk)
+    _assert_allclose(gv, rgv)
