@@ -11,7 +11,9 @@ __all__ = ["relu_backward", "relu_forward", "sigmoid", "silu_backward", "silu_fo
 
 def sigmoid(x: Any) -> Any:
     xp = backend.get_namespace(x)
-    return 1.0 / (1.0 + xp.exp(-x))
+    e = xp.exp(-x)
+    e += 1.0
+    return 1.0 / e
 
 
 def silu_forward(x: Any) -> tuple[Any, tuple]:
@@ -23,7 +25,12 @@ def silu_forward(x: Any) -> tuple[Any, tuple]:
 def silu_backward(cache: tuple, gy: Any) -> Any:
     """``dy/dx = s (1 + x (1 - s))`` with ``s = sigmoid(x)``."""
     x, s = cache
-    return gy * (s * (1.0 + x * (1.0 - s)))
+    d = 1.0 - s                 # one temporary, updated in place
+    d *= x
+    d += 1.0
+    d *= s
+    d *= gy
+    return d
 
 
 def relu_forward(x: Any) -> tuple[Any, tuple]:

@@ -102,7 +102,7 @@ def conv2d_forward(
     cols = im2col(x, kh, kw, stride, pad)
     y = xp.reshape(w, (O, C * kh * kw)) @ cols
     if b is not None:
-        y = y + b[:, None]
+        y += b[:, None]         # y is the fresh product
     y = xp.permute_dims(xp.reshape(y, (O, B, Ho, Wo)), (1, 0, 2, 3))
     return y, (x, w, stride, pad, b is not None)
 

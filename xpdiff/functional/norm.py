@@ -27,14 +27,15 @@ def group_norm_forward(
     B, C = shape[0], shape[1]
     xr = xp.reshape(x, (B, num_groups, -1))
     mean = xp.mean(xr, axis=2, keepdims=True)
-    xc = xr - mean
-    var = xp.mean(xc * xc, axis=2, keepdims=True)
+    xhat = xr - mean            # fresh array: centred, then scaled in place
+    var = xp.mean(xhat * xhat, axis=2, keepdims=True)
     inv = 1.0 / xp.sqrt(var + eps)
-    xhat = xc * inv
+    xhat *= inv
     y = xp.reshape(xhat, shape)
     if w is not None:
         bshape = (1, C) + (1,) * (len(shape) - 2)
-        y = y * xp.reshape(w, bshape) + xp.reshape(b, bshape)
+        y = y * xp.reshape(w, bshape)
+        y += xp.reshape(b, bshape)
     return y, (xhat, inv, w, shape)
 
 
@@ -61,5 +62,8 @@ def group_norm_backward(cache: tuple, gy: Any) -> tuple[Any, Any | None, Any | N
     n = math.prod(shape[1:]) // G
     m1 = xp.sum(gxhat, axis=2, keepdims=True) / n
     m2 = xp.sum(gxhat * xhat, axis=2, keepdims=True) / n
-    gx = inv * (gxhat - m1 - xhat * m2)
+    gx = xhat * m2              # fresh array; gxhat may be a view of gy, so not that one
+    gx -= gxhat
+    gx += m1
+    gx *= -inv                  # inv * (gxhat - m1 - xhat * m2)
     return xp.reshape(gx, shape), gw, gb
