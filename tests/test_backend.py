@@ -239,6 +239,22 @@ def test_sliding_windows_shape(xp, H, W, k, s, want):
 
 
 # ---------------------------------------------------------------------------
+# exp_inplace: NumPy/CuPy write over the input, other namespaces return a new array
+# ---------------------------------------------------------------------------
+def test_exp_inplace(xp):
+    vals = np.linspace(-30.0, 5.0, 24, dtype=np.float32).reshape(2, 3, 4)
+    x = backend.asarray(vals, xp)
+    want = backend.to_numpy(xp.exp(backend.asarray(vals, xp)))    # the library's own exp
+    got = backend.exp_inplace(x)
+    assert backend.get_namespace(got) is backend.get_namespace(x)
+    np.testing.assert_array_equal(backend.to_numpy(got), want)
+    if backend.library_name(xp) in ("numpy", "cupy"):
+        assert got is x                       # written over the temporary, no new array
+    else:
+        np.testing.assert_array_equal(backend.to_numpy(x), vals)    # input left alone
+
+
+# ---------------------------------------------------------------------------
 # the import rule
 # ---------------------------------------------------------------------------
 def forbidden_imports(source: str, filename: str = "<source>") -> list[str]:

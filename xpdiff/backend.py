@@ -7,6 +7,7 @@ its inputs (``xp = get_namespace(x)``).  What the standard lacks lives here:
 * moving arrays between libraries and to NumPy,
 * sliding-window views for im2col (stride tricks on NumPy/CuPy, ``as_strided``
   on PyTorch, a portable slice loop for any other namespace),
+* ``exp_inplace``: ``exp`` written over a fresh temporary where the library has ``out=``,
 * seeded random numbers with a saveable state.
 """
 
@@ -24,6 +25,7 @@ __all__ = [
     "available_backends",
     "default_namespace",
     "device",
+    "exp_inplace",
     "get_backend",
     "get_namespace",
     "is_numpy_namespace",
@@ -269,6 +271,27 @@ def sliding_windows(x: Any, kh: int, kw: int, stride: int = 1) -> Any:
         ]
         rows.append(xp.stack(cols, axis=-1))
     return xp.stack(rows, axis=-2)
+
+
+# ---------------------------------------------------------------------------
+# in-place elementwise functions
+# ---------------------------------------------------------------------------
+def exp_inplace(x: Any) -> Any:
+    """``exp(x)``, written over ``x`` itself where the library allows it.
+
+    Only for a temporary the caller has just made and owns.  The array API has no
+    ``out=``: NumPy and CuPy get ``exp(x, out=x)``, which spares a new array of the
+    same size (for the (B, heads, N, N) attention scores, 79 MB and its page faults);
+    any other namespace gets ``xp.exp(x)``, a new array.  Use the return value in
+    both cases.
+    """
+    if array_api_compat.is_numpy_array(x):
+        return np.exp(x, out=x)
+    if array_api_compat.is_cupy_array(x):
+        import cupy
+
+        return cupy.exp(x, out=x)
+    return get_namespace(x).exp(x)
 
 
 # ---------------------------------------------------------------------------

@@ -10,8 +10,7 @@ __all__ = ["relu_backward", "relu_forward", "sigmoid", "silu_backward", "silu_fo
 
 
 def sigmoid(x: Any) -> Any:
-    xp = backend.get_namespace(x)
-    e = xp.exp(-x)
+    e = backend.exp_inplace(-x)
     e += 1.0
     return 1.0 / e
 

@@ -24,10 +24,9 @@ def softmax(s: Any, axis: int = -1) -> Any:
 
 def _probabilities(q: Any, k: Any, scale: float, row_max: Any, inv_sum: Any) -> Any:
     """``exp(scale * q k^T - row_max) * inv_sum``, each step in place on the scores."""
-    xp = backend.get_namespace(q)
     s = (q * scale) @ k.mT      # scale the (N, d) operand, not the (N, N) product
     s -= row_max
-    p = xp.exp(s)
+    p = backend.exp_inplace(s)
     p *= inv_sum
     return p
 
@@ -45,7 +44,7 @@ def sdpa_forward(q: Any, k: Any, v: Any, scale: float) -> tuple[Any, tuple]:
     s = (q * scale) @ k.mT
     row_max = xp.max(s, axis=-1, keepdims=True)
     s -= row_max
-    e = xp.exp(s)
+    e = backend.exp_inplace(s)
     del s
     inv_sum = 1.0 / xp.sum(e, axis=-1, keepdims=True)
     e *= inv_sum                # now p, exactly as _probabilities recomputes it
