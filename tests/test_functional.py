@@ -290,3 +290,23 @@ def test_sdpa_matches_loops_and_keeps_no_attention_matrix(xp, N, M):
     _assert_allclose(gq, rgq)
     _assert_allclose(gk, rgk)
     _assert_allclose(gv, rgv)
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_softmax_matches_loops_and_leaves_its_input(xp, axis):
+    """softmax against a float64 loop over rows, with logits large enough that exp
+    without the max shift would overflow; the input array is not modified."""
+    vals = (_rng(23, axis + 2).standard_normal((4, 6)) * 5.0 + 100.0).astype(np.float32)
+    vals[1, 2] = 200.0
+    ref = np.moveaxis(vals.astype(np.float64), axis, -1).copy()
+    for row in ref.reshape(-1, ref.shape[-1]):
+        e = [np.exp(v - max(row)) for v in row]
+        row[:] = [v / sum(e) for v in e]
+    ref = np.moveaxis(ref, -1, axis)
+
+    from xpdiff.functional.attention import softmax
+
+    x = backend.asarray(vals, xp)
+    got = backend.to_numpy(softmax(x, axis=axis))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(backend.to_numpy(x), vals)

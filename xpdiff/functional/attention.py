@@ -18,8 +18,9 @@ __all__ = ["sdpa_backward", "sdpa_forward", "softmax"]
 
 def softmax(s: Any, axis: int = -1) -> Any:
     xp = backend.get_namespace(s)
-    e = xp.exp(s - xp.max(s, axis=axis, keepdims=True))
-    return e / xp.sum(e, axis=axis, keepdims=True)
+    e = backend.exp_inplace(s - xp.max(s, axis=axis, keepdims=True))
+    e /= xp.sum(e, axis=axis, keepdims=True)
+    return e
 
 
 def _probabilities(q: Any, k: Any, scale: float, row_max: Any, inv_sum: Any) -> Any:
