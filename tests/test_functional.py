@@ -43,23 +43,27 @@ def _padded(x: np.ndarray, p: int) -> np.ndarray:
 
 
 def ref_im2col(x: np.ndarray, k: int, s: int, p: int) -> np.ndarray:
+    """Channels-last column matrix (B*Ho*Wo, k*k*C) of a (B, C, H, W) host array:
+    row (b, oh, ow), column (i, j, c)."""
     B, C, H, W = x.shape
     Ho, Wo = _out(H, k, s, p), _out(W, k, s, p)
     xp_ = _padded(x, p)
-    cols = np.zeros((C * k * k, B * Ho * Wo), dtype=x.dtype)
+    cols = np.zeros((B * Ho * Wo, k * k * C), dtype=x.dtype)
     for c in range(C):
         for i in range(k):
             for j in range(k):
                 for b in range(B):
                     for oh in range(Ho):
                         for ow in range(Wo):
-                            cols[(c * k + i) * k + j, (b * Ho + oh) * Wo + ow] = xp_[
+                            cols[(b * Ho + oh) * Wo + ow, (i * k + j) * C + c] = xp_[
                                 b, c, oh * s + i, ow * s + j
                             ]
     return cols
 
 
 def ref_col2im(cols: np.ndarray, shape: tuple, k: int, s: int, p: int) -> np.ndarray:
+    """Adjoint of ``ref_im2col``, returned channels-last (B, H, W, C) for ``shape``
+    (B, C, H, W)."""
     B, C, H, W = shape
     Ho, Wo = _out(H, k, s, p), _out(W, k, s, p)
     gx = np.zeros((B, C, H + 2 * p, W + 2 * p), dtype=cols.dtype)
@@ -70,9 +74,17 @@ def ref_col2im(cols: np.ndarray, shape: tuple, k: int, s: int, p: int) -> np.nda
                     for oh in range(Ho):
                         for ow in range(Wo):
                             gx[b, c, oh * s + i, ow * s + j] += cols[
-                                (c * k + i) * k + j, (b * Ho + oh) * Wo + ow
+                                (b * Ho + oh) * Wo + ow, (i * k + j) * C + c
                             ]
-    return gx[:, :, p : p + H, p : p + W]
+    return _nhwc(gx[:, :, p : p + H, p : p + W])
+
+
+def _nhwc(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.transpose(a, (0, 2, 3, 1)))
+
+
+def _nchw(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.transpose(a, (0, 3, 1, 2)))
 
 
 def ref_conv(x: np.ndarray, w: np.ndarray, bias, s: int, p: int) -> np.ndarray:
@@ -134,7 +146,7 @@ def _assert_allclose(actual, desired, rtol=1e-12, atol=1e-12):
 @pytest.mark.parametrize(("H", "W", "k", "s", "p"), CONV_CASES, ids=CONV_IDS)
 def test_im2col_matches_loops(xp, H, W, k, s, p):
     x = _rng(H, W, k, s, p).standard_normal((2, 3, H, W))
-    cols = fc.im2col(_to(xp, x), k, k, s, p)
+    cols = fc.im2col(_to(xp, _nhwc(x)), k, k, s, p)
     assert backend.get_namespace(cols) is xp
     _assert_allclose(cols, ref_im2col(x, k, s, p), rtol=0, atol=0)
 
@@ -144,9 +156,9 @@ def test_col2im_matches_loops_and_is_adjoint(xp, H, W, k, s, p):
     rng = _rng(1, H, W, k, s, p)
     shape = (2, 3, H, W)
     Ho, Wo = _out(H, k, s, p), _out(W, k, s, p)
-    x = rng.standard_normal(shape)
-    c = rng.standard_normal((3 * k * k, 2 * Ho * Wo))
-    back = fc.col2im(_to(xp, c), shape, k, k, s, p)
+    x = _nhwc(rng.standard_normal(shape))
+    c = rng.standard_normal((2 * Ho * Wo, 3 * k * k))
+    back = fc.col2im(_to(xp, c), (2, H, W, 3), k, k, s, p)
     assert backend.get_namespace(back) is xp
     _assert_allclose(back, ref_col2im(c, shape, k, s, p))
     # <im2col(x), c> == <x, col2im(c)>
@@ -156,19 +168,26 @@ def test_col2im_matches_loops_and_is_adjoint(xp, H, W, k, s, p):
 
 
 def test_col2im_leaves_unvisited_pixels_zero(xp):
-    # 5x7 with k=3, stride 2, no padding: the last row (and no column) is never read
-    shape, k, s = (1, 1, 6, 7), 3, 2
+    # 6x7 with k=3, stride 2, no padding: the last row (and no column) is never read
+    shape, k, s = (1, 6, 7, 1), 3, 2
     Ho, Wo = _out(6, k, s, 0), _out(7, k, s, 0)
-    back = backend.to_numpy(fc.col2im(_to(xp, np.ones((k * k, Ho * Wo))), shape, k, k, s, 0))
-    assert (back[0, 0, 5, :] == 0).all()
-    assert (back[0, 0, :5, :] > 0).all()
+    back = backend.to_numpy(fc.col2im(_to(xp, np.ones((Ho * Wo, k * k))), shape, k, k, s, 0))
+    assert (back[0, 5, :, 0] == 0).all()
+    assert (back[0, :5, :, 0] > 0).all()
 
 
 @pytest.mark.parametrize("pad", [0, 1, 2])
 def test_pad2d(xp, pad):
     x = _rng(pad).standard_normal((2, 3, 4, 5))
-    out = fc.pad2d(_to(xp, x), pad)
-    _assert_allclose(out, _padded(x, pad), rtol=0, atol=0)
+    out = fc.pad2d(_to(xp, _nhwc(x)), pad)
+    _assert_allclose(out, _nhwc(_padded(x, pad)), rtol=0, atol=0)
+
+
+def test_layout_conversions_round_trip(xp):
+    x = _rng(9).standard_normal((2, 3, 4, 5))
+    last = fc.to_channels_last(_to(xp, x))
+    _assert_allclose(last, _nhwc(x), rtol=0, atol=0)
+    _assert_allclose(fc.to_channels_first(last), x, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(("n", "k", "s", "p", "want"), [(5, 3, 1, 0, 3), (5, 3, 2, 1, 3),
@@ -181,27 +200,54 @@ def test_conv_output_size(n, k, s, p, want):
 # ---------------------------------------------------------------------------
 # conv2d forward / backward
 # ---------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize(("H", "W", "k", "s", "p"), CONV_CASES + [(4, 5, 1, 1, 1)],
                          ids=CONV_IDS + ["H4W5k1s1p1"])
-def test_conv2d_forward_backward_match_loops(xp, H, W, k, s, p, bias):
+def test_conv2d_forward_backward_match_loops(xp, H, W, k, s, p, bias, layout):
     rng = _rng(2, H, W, k, s, p, bias)
-    x = rng.standard_normal((2, 3, H, W))
+    x = rng.standard_normal((3, 3, H, W))
     w = rng.standard_normal((4, 3, k, k))
     b = rng.standard_normal(4) if bias else None
-    y, cache = fc.conv2d_forward(_to(xp, x), _to(xp, w), None if b is None else _to(xp, b), s, p)
+    to = _nhwc if layout == "NHWC" else np.ascontiguousarray
+    back = _nchw if layout == "NHWC" else np.ascontiguousarray
+    y, cache = fc.conv2d_forward(_to(xp, to(x)), _to(xp, w), None if b is None else _to(xp, b),
+                                 s, p, layout=layout)
     assert backend.get_namespace(y) is xp
-    _assert_allclose(y, ref_conv(x, w, b, s, p))
+    _assert_allclose(y, to(ref_conv(x, w, b, s, p)))
 
-    gy = rng.standard_normal(tuple(y.shape))
-    gx, gw, gb = fc.conv2d_backward(cache, _to(xp, gy))
+    gy = rng.standard_normal(tuple(back(backend.to_numpy(y)).shape))
+    gx, gw, gb = fc.conv2d_backward(cache, _to(xp, to(gy)))
     rgx, rgw, rgb = ref_conv_backward(x, w, gy, s, p)
-    _assert_allclose(gx, rgx)
+    _assert_allclose(gx, to(rgx))
     _assert_allclose(gw, rgw)
     if bias:
         _assert_allclose(gb, rgb)
     else:
         assert gb is None
+
+
+@pytest.mark.parametrize("tile_bytes", [1, 700, 1 << 30], ids=["1-sample", "2-samples", "whole"])
+@pytest.mark.parametrize(("k", "s", "p"), [(3, 1, 1), (3, 2, 1), (1, 1, 0)])
+def test_conv2d_tiles_give_the_same_result(xp, monkeypatch, k, s, p, tile_bytes):
+    """One sample per tile, a few, or the whole batch: the same values as the loops."""
+    rng = _rng(4, k, s, p)
+    x = rng.standard_normal((5, 2, 4, 4))
+    w = rng.standard_normal((3, 2, k, k))
+    monkeypatch.setattr(backend, "TILE_BYTES", tile_bytes)
+    y, cache = fc.conv2d_forward(_to(xp, _nhwc(x)), _to(xp, w), None, s, p, layout="NHWC")
+    _assert_allclose(y, _nhwc(ref_conv(x, w, None, s, p)))
+    gy = rng.standard_normal(tuple(_nchw(backend.to_numpy(y)).shape))
+    gx, gw, _ = fc.conv2d_backward(cache, _to(xp, _nhwc(gy)))
+    rgx, rgw, _ = ref_conv_backward(x, w, gy, s, p)
+    _assert_allclose(gx, _nhwc(rgx))
+    _assert_allclose(gw, rgw)
+
+
+def test_conv2d_rejects_an_unknown_layout(xp):
+    x = xp.zeros((1, 2, 3, 3), dtype=xp.float64)
+    with pytest.raises(ValueError, match=r"layout must be one of \('NCHW', 'NHWC'\), got 'HWC'"):
+        fc.conv2d_forward(x, xp.zeros((1, 2, 3, 3), dtype=xp.float64), None, layout="HWC")
 
 
 # ---------------------------------------------------------------------------
@@ -242,6 +288,11 @@ def test_sliding_windows_match_slicing(xp, H, W, kh, kw, s, view):
     want = ref_windows(np.ascontiguousarray(host), kh, kw, s)
     assert tuple(win.shape) == want.shape
     np.testing.assert_array_equal(backend.to_numpy(win), want)
+    # channels-last: (B, H, W, C) -> (B, Ho, Wo, kh, kw, C), from a permuted view of x
+    last = backend.sliding_windows(xp.permute_dims(x, (0, 2, 3, 1)), kh, kw, s,
+                                   channels_last=True)
+    assert backend.get_namespace(last) is xp
+    np.testing.assert_array_equal(backend.to_numpy(last), np.transpose(want, (0, 2, 3, 4, 5, 1)))
 
 
 # ---------------------------------------------------------------------------
@@ -270,8 +321,9 @@ def ref_sdpa(q, k, v, go, scale):
     return o, gq, gk, gv
 
 
+@pytest.mark.parametrize("tile_bytes", [1, 1 << 30], ids=["1-sample", "whole"])
 @pytest.mark.parametrize(("N", "M"), [(5, 5), (4, 7)], ids=["self", "cross"])
-def test_sdpa_matches_loops_and_keeps_no_attention_matrix(xp, N, M):
+def test_sdpa_matches_loops_and_keeps_no_attention_matrix(xp, monkeypatch, N, M, tile_bytes):
     from xpdiff.functional import attention as fa
     rng = _rng(7, N, M)
     B, h, d = 2, 3, 4
@@ -280,33 +332,18 @@ def test_sdpa_matches_loops_and_keeps_no_attention_matrix(xp, N, M):
     v = rng.standard_normal((B, h, M, d))
     go = rng.standard_normal((B, h, N, d))
     scale = d ** -0.5
-    o, cache = fa.sdpa_forward(_to(xp, q), _to(xp, k), _to(xp, v), scale)
+
+    def tok(a):  # (B, h, N, d) -> the token-major (B, N, h, d) that sdpa takes
+        return np.ascontiguousarray(np.transpose(a, (0, 2, 1, 3)))
+
+    monkeypatch.setattr(backend, "TILE_BYTES", tile_bytes)
+    o, cache = fa.sdpa_forward(_to(xp, tok(q)), _to(xp, tok(k)), _to(xp, tok(v)), scale)
     ro, rgq, rgk, rgv = ref_sdpa(q, k, v, go, scale)
-    _assert_allclose(o, ro)
+    _assert_allclose(o, tok(ro))
     # the cache holds (B, h, N, 1) row statistics, never the (B, h, N, M) probabilities
-    shapes = [tuple(c.shape) for c in cache if hasattr(c, "shape")]
+    shapes = [tuple(a.shape) for a in vars(cache).values() if hasattr(a, "shape")]
     assert (B, h, N, M) not in shapes, shapes
-    gq, gk, gv = fa.sdpa_backward(cache, _to(xp, go))
-    _assert_allclose(gq, rgq)
-    _assert_allclose(gk, rgk)
-    _assert_allclose(gv, rgv)
-
-
-@pytest.mark.parametrize("axis", [-1, 0])
-def test_softmax_matches_loops_and_leaves_its_input(xp, axis):
-    """softmax against a float64 loop over rows, with logits large enough that exp
-    without the max shift would overflow; the input array is not modified."""
-    vals = (_rng(23, axis + 2).standard_normal((4, 6)) * 5.0 + 100.0).astype(np.float32)
-    vals[1, 2] = 200.0
-    ref = np.moveaxis(vals.astype(np.float64), axis, -1).copy()
-    for row in ref.reshape(-1, ref.shape[-1]):
-        e = [np.exp(v - max(row)) for v in row]
-        row[:] = [v / sum(e) for v in e]
-    ref = np.moveaxis(ref, -1, axis)
-
-    from xpdiff.functional.attention import softmax
-
-    x = backend.asarray(vals, xp)
-    got = backend.to_numpy(softmax(x, axis=axis))
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
-    np.testing.assert_array_equal(backend.to_numpy(x), vals)
+    gq, gk, gv = fa.sdpa_backward(cache, _to(xp, tok(go)))
+    _assert_allclose(gq, tok(rgq))
+    _assert_allclose(gk, tok(rgk))
+    _assert_allclose(gv, tok(rgv))

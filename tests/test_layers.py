@@ -80,53 +80,96 @@ def _img(B, C, H, W):
     return lambda rng: ([rng.standard_normal((B, C, H, W))], {})
 
 
-def _conv_case(C, O, k, s, p, H, W, bias=True):
-    return Case(
+class ChannelsLast(Module):
+    """Runs a ``layout="NHWC"`` layer on (B, C, H, W) arrays, permuting its first input,
+    its output and their gradients, so the (B, C, H, W) oracles apply unchanged.  It
+    shares the layer's parameters and children, under the same names."""
+
+    def __init__(self, inner: Module):
+        super().__init__()
+        object.__setattr__(self, "_params", inner._params)
+        object.__setattr__(self, "_modules", inner._modules)
+        object.__setattr__(self, "inner", inner)
+
+    @staticmethod
+    def _perm(a, order):
+        return backend.get_namespace(a).permute_dims(a, order)
+
+    def forward(self, x, *rest, **kw):
+        y = self.inner(self._perm(x, (0, 2, 3, 1)), *rest, **kw)
+        return self._perm(y, (0, 3, 1, 2))
+
+    def backward(self, grad_output):
+        if grad_output.ndim == 4:
+            grad_output = self._perm(grad_output, (0, 2, 3, 1))
+        out = self.inner.backward(grad_output)
+        if isinstance(out, tuple):
+            return (self._perm(out[0], (0, 3, 1, 2)), *out[1:])
+        return self._perm(out, (0, 3, 1, 2))
+
+
+def _channels_last(case: "Case", make) -> "Case":
+    """The same case with the layer built channels-last (``make(xp, dtype)``)."""
+    return Case(case.id + "-NHWC", lambda xp, dt: ChannelsLast(make(xp, dt)), case.data,
+                case.torch_mod, case.cached)
+
+
+def _conv_case(C, O, k, s, p, H, W, bias=True, layout="NCHW"):
+    case = Case(
         f"Conv2d-{C}to{O}-k{k}-s{s}-p{p}-{H}x{W}" + ("" if bias else "-nobias"),
         lambda xp, dt: Conv2d(C, O, k, s, p, bias, dtype=dt, xp=xp),
         _img(2, C, H, W),
         lambda m: torch.nn.Conv2d(C, O, k, s, p, bias=bias),
     )
+    if layout == "NCHW":
+        return case
+    return _channels_last(case, lambda xp, dt: Conv2d(C, O, k, s, p, bias, layout=layout,
+                                                      dtype=dt, xp=xp))
 
 
-def _attention_case(C, heads, dim_head, groups, rescale, H, W):
-    return Case(
+def _attention_case(C, heads, dim_head, groups, rescale, H, W, layout="NCHW"):
+    case = Case(
         f"Attention-C{C}-h{heads}-d{dim_head}-g{groups}-r{rescale}-{H}x{W}",
         lambda xp, dt: Attention(C, heads, dim_head, rescale_output_factor=rescale, eps=1e-5,
-                                 norm_num_groups=groups, dtype=dt, xp=xp),
+                                 norm_num_groups=groups, layout=layout, dtype=dt, xp=xp),
         _img(2, C, H, W),
         # the kwargs diffusers' UNet2DModel passes (_from_deprecated_attn_block)
         lambda m: DAttention(C, heads=heads, dim_head=dim_head, rescale_output_factor=rescale,
                              eps=1e-5, norm_num_groups=groups, residual_connection=True,
                              bias=True, upcast_softmax=True, _from_deprecated_attn_block=True),
     )
+    return case if layout == "NCHW" else _channels_last(case, case.make)
 
 
-def _upsample_case(C, O, H, W, size, use_conv=True):
+def _upsample_case(C, O, H, W, size, use_conv=True, layout="NCHW"):
     def data(rng):
         return [rng.standard_normal((2, C, H, W))], ({"output_size": size} if size else {})
 
-    return Case(
+    case = Case(
         f"Upsample2D-{C}to{O}-{H}x{W}-to-{size or 'x2'}" + ("" if use_conv else "-noconv"),
-        lambda xp, dt: Upsample2D(C, use_conv=use_conv, out_channels=O, dtype=dt, xp=xp),
+        lambda xp, dt: Upsample2D(C, use_conv=use_conv, out_channels=O, layout=layout,
+                                  dtype=dt, xp=xp),
         data,
         lambda m: DUpsample2D(C, use_conv=use_conv, out_channels=O),
     )
+    return case if layout == "NCHW" else _channels_last(case, case.make)
 
 
-def _resnet_case(C, O, T, groups, scale, H, W):
+def _resnet_case(C, O, T, groups, scale, H, W, layout="NCHW"):
     def data(rng):
         temb = rng.standard_normal((2, T)) if T else None
         return [rng.standard_normal((2, C, H, W)), temb], {}
 
-    return Case(
+    case = Case(
         f"ResnetBlock2D-{C}to{O}-temb{T}-g{groups}-s{scale}-{H}x{W}",
         lambda xp, dt: ResnetBlock2D(in_channels=C, out_channels=O, temb_channels=T, groups=groups,
-                                     eps=1e-6, output_scale_factor=scale, dtype=dt, xp=xp),
+                                     eps=1e-6, output_scale_factor=scale, layout=layout,
+                                     dtype=dt, xp=xp),
         data,
         lambda m: DResnetBlock2D(in_channels=C, out_channels=O, temb_channels=T, groups=groups,
                                  eps=1e-6, output_scale_factor=scale),
     )
+    return case if layout == "NCHW" else _channels_last(case, case.make)
 
 
 def _mse_data(rng):
@@ -184,6 +227,29 @@ CASES = [
     _resnet_case(2, 4, None, 1, 1.0, 3, 2),  # no time embedding
     Case("MSELoss", lambda xp, dt: MSELoss(), _mse_data,
          lambda m: TorchFn(lambda pred, target: F.mse_loss(pred, target))),
+    # channels-last: the layers a UNet2DModel runs inside, with layout="NHWC"
+    *[_conv_case(3, 4, k, s, p, 5, 7, layout="NHWC") for k in (1, 3) for s in (1, 2)
+      for p in (0, 1)],
+    _conv_case(2, 3, 3, 1, 1, 4, 4, bias=False, layout="NHWC"),
+    Case("GroupNorm-4d-NHWC",
+         lambda xp, dt: ChannelsLast(GroupNorm(2, 6, eps=1e-5, layout="NHWC", dtype=dt, xp=xp)),
+         _img(2, 6, 3, 4), lambda m: torch.nn.GroupNorm(2, 6, eps=1e-5)),
+    Case("GroupNorm-4d-g3-NHWC",
+         lambda xp, dt: ChannelsLast(GroupNorm(3, 6, eps=1e-6, layout="NHWC", dtype=dt, xp=xp)),
+         _img(3, 6, 2, 5), lambda m: torch.nn.GroupNorm(3, 6, eps=1e-6)),
+    _attention_case(8, 2, 4, 2, 1.0, 3, 3, layout="NHWC"),
+    _attention_case(6, 1, 6, 3, 2.0, 2, 3, layout="NHWC"),
+    _attention_case(4, 3, 2, 1, 0.5, 3, 2, layout="NHWC"),
+    _upsample_case(3, 3, 4, 4, None, layout="NHWC"),
+    _upsample_case(3, 2, 4, 4, (7, 7), layout="NHWC"),
+    _upsample_case(2, 2, 4, 3, (7, 5), use_conv=False, layout="NHWC"),
+    Case("Downsample2D-3to4-5x7-NHWC",
+         lambda xp, dt: ChannelsLast(Downsample2D(3, use_conv=True, out_channels=4,
+                                                  layout="NHWC", dtype=dt, xp=xp)),
+         _img(2, 3, 5, 7), lambda m: DDownsample2D(3, use_conv=True, out_channels=4, padding=1)),
+    _resnet_case(4, 4, 5, 2, 1.0, 4, 3, layout="NHWC"),
+    _resnet_case(4, 6, 5, 2, 2.0, 3, 3, layout="NHWC"),
+    _resnet_case(2, 4, None, 1, 1.0, 3, 2, layout="NHWC"),
 ]
 CASE_IDS = [c.id for c in CASES]
 assert len(set(CASE_IDS)) == len(CASE_IDS)

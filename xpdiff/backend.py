@@ -7,6 +7,7 @@ its inputs (``xp = get_namespace(x)``).  What the standard lacks lives here:
 * moving arrays between libraries and to NumPy,
 * sliding-window views for im2col (stride tricks on NumPy/CuPy, ``as_strided``
   on PyTorch, a portable slice loop for any other namespace),
+* the size of cache-sized tiles, and products written into preallocated arrays,
 * ``exp_inplace``: ``exp`` written over a fresh temporary where the library has ``out=``,
 * seeded random numbers with a saveable state.
 """
@@ -30,8 +31,10 @@ __all__ = [
     "get_namespace",
     "is_numpy_namespace",
     "library_name",
+    "matmul_into",
     "set_backend",
     "sliding_windows",
+    "tile_samples",
     "to_namespace",
     "to_numpy",
 ]
@@ -230,47 +233,106 @@ def dtype_name(dtype: Any) -> str:
 # ---------------------------------------------------------------------------
 # sliding windows (im2col support)
 # ---------------------------------------------------------------------------
-def sliding_windows(x: Any, kh: int, kw: int, stride: int = 1) -> Any:
-    """Windows of a (B, C, H, W) array as a (B, C, Ho, Wo, kh, kw) array.
+def sliding_windows(x: Any, kh: int, kw: int, stride: int = 1, *,
+                    channels_last: bool = False) -> Any:
+    """Windows of a 4-D image array as a 6-D array, without a copy where the library allows.
 
+    (B, C, H, W) gives (B, C, Ho, Wo, kh, kw); with ``channels_last=True``,
+    (B, H, W, C) gives (B, Ho, Wo, kh, kw, C), whose reshape to
+    (B*Ho*Wo, kh*kw*C) copies runs of C contiguous values.
     ``Ho = (H - kh) // stride + 1`` and likewise ``Wo``.  NumPy and CuPy get a
     zero-copy strided view, PyTorch ``as_strided``; any other namespace gets the
     same values built from kh*kw strided slices (a copy).
     """
-    B, C, H, W = x.shape
+    if channels_last:
+        B, H, W, C = x.shape
+    else:
+        B, C, H, W = x.shape
     Ho = (H - kh) // stride + 1
     Wo = (W - kw) // stride + 1
+    if channels_last:
+        shape = (B, Ho, Wo, kh, kw, C)
+
+        def strides(s: tuple) -> tuple:
+            return (s[0], s[1] * stride, s[2] * stride, s[1], s[2], s[3])
+    else:
+        shape = (B, C, Ho, Wo, kh, kw)
+
+        def strides(s: tuple) -> tuple:
+            return (s[0], s[1], s[2] * stride, s[3] * stride, s[2], s[3])
     if array_api_compat.is_numpy_array(x):
-        s = x.strides
-        return np.lib.stride_tricks.as_strided(
-            x,
-            (B, C, Ho, Wo, kh, kw),
-            (s[0], s[1], s[2] * stride, s[3] * stride, s[2], s[3]),
-            writeable=False,
-        )
+        return np.lib.stride_tricks.as_strided(x, shape, strides(x.strides), writeable=False)
     if array_api_compat.is_cupy_array(x):
         import cupy
 
-        s = x.strides
-        return cupy.lib.stride_tricks.as_strided(
-            x, (B, C, Ho, Wo, kh, kw), (s[0], s[1], s[2] * stride, s[3] * stride, s[2], s[3])
-        )
+        return cupy.lib.stride_tricks.as_strided(x, shape, strides(x.strides))
     if array_api_compat.is_torch_array(x):
-        s = x.stride()
-        return x.as_strided(
-            (B, C, Ho, Wo, kh, kw),
-            (s[0], s[1], s[2] * stride, s[3] * stride, s[2], s[3]),
-            x.storage_offset(),
-        )
+        return x.as_strided(shape, strides(x.stride()), x.storage_offset())
     xp = get_namespace(x)
+    h_ax, w_ax = (1, 2) if channels_last else (2, 3)
     rows = []
     for i in range(kh):
-        cols = [
-            x[:, :, i : i + stride * (Ho - 1) + 1 : stride, j : j + stride * (Wo - 1) + 1 : stride]
-            for j in range(kw)
-        ]
-        rows.append(xp.stack(cols, axis=-1))
-    return xp.stack(rows, axis=-2)
+        cols = []
+        for j in range(kw):
+            idx = [slice(None)] * 4
+            idx[h_ax] = slice(i, i + stride * (Ho - 1) + 1, stride)
+            idx[w_ax] = slice(j, j + stride * (Wo - 1) + 1, stride)
+            cols.append(x[tuple(idx)])
+        rows.append(xp.stack(cols, axis=-1 if not channels_last else 3))
+    return xp.stack(rows, axis=-2 if not channels_last else 3)
+
+
+# ---------------------------------------------------------------------------
+# cache-sized tiles and products written into preallocated arrays
+# ---------------------------------------------------------------------------
+def _l2_cache_bytes() -> int:
+    """Size of one core's L2 cache from sysfs (Linux), else 1 MiB."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in sorted(os.listdir(base)):
+            with open(os.path.join(base, entry, "level")) as f:
+                if f.read().strip() != "2":
+                    continue
+            with open(os.path.join(base, entry, "size")) as f:
+                text = f.read().strip().upper()
+            unit = {"K": 1024, "M": 1024**2}.get(text[-1:], 1)
+            return int(text.rstrip("KM")) * unit
+    except (OSError, ValueError):
+        pass
+    return 1024**2
+
+
+TILE_BYTES = int(os.environ.get("XPDIFF_TILE_BYTES", 0)) or 2 * _l2_cache_bytes()
+"""Target size of one tile's largest temporary (a column matrix, a block of attention
+scores): twice one core's L2 cache, the best of 0.5-8x measured (benchmarks/RESULTS.md).
+``XPDIFF_TILE_BYTES`` overrides it."""
+
+
+def tile_samples(bytes_per_sample: int, batch: int, xp: Any) -> int:
+    """How many samples of a batch one tile holds so its temporary fits ``TILE_BYTES``.
+
+    At least 1 and at most ``batch``.  On CuPy the whole batch is one tile: a GPU gains
+    nothing from CPU-cache tiles and every extra kernel launch costs.
+    """
+    if array_api_compat.is_cupy_namespace(xp):
+        return max(batch, 1)
+    return max(1, min(batch, TILE_BYTES // max(int(bytes_per_sample), 1)))
+
+
+def matmul_into(out: Any, rows: slice, a: Any, b: Any) -> None:
+    """``out[rows] = a @ b`` for a 2-D ``out``, written in place on NumPy and CuPy.
+
+    NumPy and CuPy write the product straight into the rows of ``out`` (``out=``), so no
+    temporary of the product's size is made; other namespaces assign a new product.
+    """
+    if array_api_compat.is_numpy_array(out):
+        np.matmul(a, b, out=out[rows, ...])
+    elif array_api_compat.is_cupy_array(out):
+        import cupy
+
+        cupy.matmul(a, b, out=out[rows, ...])
+    else:
+        out[rows, ...] = a @ b
 
 
 # ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Nearest-neighbour upsampling of (B, C, H, W) to any output size."""
+"""Nearest-neighbour upsampling of (B, C, H, W) or (B, H, W, C) to any output size."""
 
 from __future__ import annotations
 
@@ -22,30 +22,60 @@ def _one_hot(idx: list[int], n_in: int, like: Any) -> Any:
     return xp.astype(src[:, None] == xp.arange(n_in, device=dev)[None, :], like.dtype)
 
 
-def upsample_nearest_forward(x: Any, size: tuple[int, int]) -> tuple[Any, tuple]:
-    """Nearest upsampling of x (B, C, H, W) to (B, C, *size); cache is the input shape."""
+def _spatial_axes(layout: str) -> tuple[int, int]:
+    if layout not in ("NCHW", "NHWC"):
+        raise ValueError(f"upsample_nearest: layout must be 'NCHW' or 'NHWC', got {layout!r}")
+    return (1, 2) if layout == "NHWC" else (2, 3)
+
+
+def upsample_nearest_forward(
+    x: Any, size: tuple[int, int], layout: str = "NCHW"
+) -> tuple[Any, tuple]:
+    """Nearest upsampling of x to spatial ``size`` (Ho, Wo); cache: input shape and layout.
+
+    Args:
+        x: (B, C, H, W) for ``layout="NCHW"``, (B, H, W, C) for ``"NHWC"``.
+    Returns:
+        y (B, C, Ho, Wo) or (B, Ho, Wo, C); output pixel i takes input ``floor(i H / Ho)``.
+    """
     xp = backend.get_namespace(x)
-    B, C, H, W = x.shape
+    ah, aw = _spatial_axes(layout)
+    shape = tuple(x.shape)
+    H, W = shape[ah], shape[aw]
     Ho, Wo = size
     if Ho == 2 * H and Wo == 2 * W:
-        y = xp.broadcast_to(x[:, :, :, None, :, None], (B, C, H, 2, W, 2))
-        return xp.reshape(y, (B, C, Ho, Wo)), (tuple(x.shape),)
+        # insert a length-2 axis after each spatial axis and broadcast along it
+        y = xp.expand_dims(xp.expand_dims(x, axis=aw + 1), axis=ah + 1)
+        wide = list(y.shape)
+        wide[ah + 1], wide[aw + 2] = 2, 2
+        out = list(shape)
+        out[ah], out[aw] = Ho, Wo
+        return xp.reshape(xp.broadcast_to(y, tuple(wide)), tuple(out)), (shape, layout)
     dev = backend.device(x)
     ih = xp.asarray(nearest_indices(H, Ho), device=dev)
     iw = xp.asarray(nearest_indices(W, Wo), device=dev)
-    y = xp.take(xp.take(x, ih, axis=2), iw, axis=3)
-    return y, (tuple(x.shape),)
+    y = xp.take(xp.take(x, ih, axis=ah), iw, axis=aw)
+    return y, (shape, layout)
 
 
 def upsample_nearest_backward(cache: tuple, gy: Any) -> Any:
-    """Sum each output gradient back into its source pixel."""
+    """Sum each output gradient back into its source pixel; returns gx like the input."""
     xp = backend.get_namespace(gy)
-    ((B, C, H, W),) = cache
-    Ho, Wo = gy.shape[2], gy.shape[3]
+    shape, layout = cache
+    ah, aw = _spatial_axes(layout)
+    H, W = shape[ah], shape[aw]
+    Ho, Wo = gy.shape[ah], gy.shape[aw]
     if Ho == 2 * H and Wo == 2 * W:
-        return xp.sum(xp.reshape(gy, (B, C, H, 2, W, 2)), axis=(3, 5))
+        wide = list(shape)
+        wide[aw:aw + 1] = [W, 2]
+        wide[ah:ah + 1] = [H, 2]
+        return xp.sum(xp.reshape(gy, tuple(wide)), axis=(ah + 1, aw + 2))
     mw = _one_hot(nearest_indices(W, Wo), W, gy)  # (Wo, W)
     mh = _one_hot(nearest_indices(H, Ho), H, gy)  # (Ho, H)
-    g = gy @ mw  # (B, C, Ho, W)
-    g = xp.permute_dims(g, (0, 1, 3, 2)) @ mh  # (B, C, W, H)
-    return xp.permute_dims(g, (0, 1, 3, 2))
+    # bring H, W last, apply both adjoint selections as products, then put them back
+    order = [a for a in range(4) if a not in (ah, aw)] + [ah, aw]
+    g = xp.permute_dims(gy, tuple(order)) @ mw                 # (., ., Ho, W)
+    g = xp.permute_dims(g, (0, 1, 3, 2)) @ mh                  # (., ., W, H)
+    g = xp.permute_dims(g, (0, 1, 3, 2))                       # (., ., H, W)
+    back = [order.index(a) for a in range(4)]
+    return xp.permute_dims(g, tuple(back))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import backend, io
+from ..functional.conv import to_channels_first, to_channels_last
 from ..nn._checks import check_input
 from ..nn.blocks import TimestepEmbedding, Timesteps
 from ..nn.layers import Conv2d, Embedding, GroupNorm, SiLU
@@ -20,6 +21,11 @@ from ..nn.module import Module, ModuleList
 from .unet_2d_blocks import UNetMidBlock2D, get_down_block, get_up_block
 
 __all__ = ["UNet2DModel"]
+
+# Every layer inside works on channels-last (B, H, W, C) arrays: the im2col column matrix
+# is then a copy of C-long contiguous runs, and attention's tokens a free reshape.  forward
+# and backward convert at entry and exit, so the public API stays (B, C, H, W).
+_LAYOUT = "NHWC"
 
 _SUPPORTED = {
     "time_embedding_type": ("positional",),
@@ -101,16 +107,17 @@ class UNet2DModel(Module):
                 f"{len(block_out_channels)} and {len(down_block_types)}"
             )
         xp = backend.default_namespace() if xp is None else xp
-        kw = {"dtype": dtype, "xp": xp}
+        kw = {"layout": _LAYOUT, "dtype": dtype, "xp": xp}
         ch = list(block_out_channels)
         time_embed_dim = time_embedding_dim or ch[0] * 4
 
         # 1. time and class embeddings
         self.conv_in = Conv2d(in_channels, ch[0], 3, padding=1, **kw)
         self.time_proj = Timesteps(ch[0], flip_sin_to_cos, freq_shift)
-        self.time_embedding = TimestepEmbedding(ch[0], time_embed_dim, **kw)
+        self.time_embedding = TimestepEmbedding(ch[0], time_embed_dim, dtype=dtype, xp=xp)
         self.class_embedding = (
-            Embedding(num_class_embeds, time_embed_dim, **kw) if num_class_embeds else None
+            Embedding(num_class_embeds, time_embed_dim, dtype=dtype, xp=xp)
+            if num_class_embeds else None
         )
 
         # 2. down path
@@ -220,8 +227,8 @@ class UNet2DModel(Module):
             raise ValueError("UNet2DModel: class_labels given but the model has no class "
                              "embedding (num_class_embeds is None)")
 
-        # 2. pre-process
-        h = self.conv_in(sample)
+        # 2. pre-process, channels-last from here on
+        h = self.conv_in(to_channels_last(sample))
 
         # 3. down
         res = [h]
@@ -237,18 +244,19 @@ class UNet2DModel(Module):
         for block in self.up_blocks:
             n = len(block.resnets)
             skips, res = res[-n:], res[:-n]
-            size = tuple(res[-1].shape[2:]) if res and block.upsamplers is not None else None
+            size = tuple(res[-1].shape[1:3]) if res and block.upsamplers is not None else None
             h = block(h, skips, emb, size)
 
-        # 6. post-process
-        return self.conv_out(self.conv_act(self.conv_norm_out(h)))
+        # 6. post-process, back to (B, C, H, W)
+        return to_channels_first(self.conv_out(self.conv_act(self.conv_norm_out(h))))
 
     def backward(self, grad_output: Any) -> Any:
         """Backpropagate ``grad_output`` (B, out_channels, H, W) through the whole UNet.
 
         Adds into every parameter's ``grad`` and returns the gradient of ``sample``.
         """
-        g = self.conv_norm_out.backward(self.conv_act.backward(self.conv_out.backward(grad_output)))
+        g = to_channels_last(grad_output)
+        g = self.conv_norm_out.backward(self.conv_act.backward(self.conv_out.backward(g)))
         gemb = None
 
         # 5. up path, last block first; collect the skip-state gradients
@@ -273,7 +281,7 @@ class UNet2DModel(Module):
 
         # 2. conv_in: its output was also the first skip state
         g = g + grad_res[0]
-        gsample = self.conv_in.backward(g)
+        gsample = to_channels_first(self.conv_in.backward(g))
         if self.config["center_input_sample"]:
             gsample = 2 * gsample
 

@@ -73,10 +73,11 @@ class _DownBlock(_Stack):
         self, *, in_channels: int, out_channels: int, temb_channels: int, num_layers: int = 1,
         resnet_eps: float = 1e-6, resnet_groups: int = 32, attention_head_dim: int | None = None,
         output_scale_factor: float = 1.0, add_downsample: bool = True, downsample_padding: int = 1,
-        dtype: str = "float32", xp: Any = None,
+        layout: str = "NCHW", dtype: str = "float32", xp: Any = None,
     ):
         super().__init__()
-        kw = {"dtype": dtype, "xp": xp}
+        self.layout = layout
+        kw = {"layout": layout, "dtype": dtype, "xp": xp}
         self._build([in_channels] + [out_channels] * (num_layers - 1), out_channels,
                     temb_channels, resnet_eps, resnet_groups, attention_head_dim,
                     output_scale_factor, kw)
@@ -137,10 +138,11 @@ class _UpBlock(_Stack):
         temb_channels: int, num_layers: int = 1, resnet_eps: float = 1e-6,
         resnet_groups: int = 32, attention_head_dim: int | None = None,
         output_scale_factor: float = 1.0, add_upsample: bool = True,
-        dtype: str = "float32", xp: Any = None,
+        layout: str = "NCHW", dtype: str = "float32", xp: Any = None,
     ):
         super().__init__()
-        kw = {"dtype": dtype, "xp": xp}
+        self.layout = layout
+        kw = {"layout": layout, "dtype": dtype, "xp": xp}
         self.skip_channels = [in_channels if i == num_layers - 1 else out_channels
                               for i in range(num_layers)]
         self.hidden_channels = [prev_output_channel if i == 0 else out_channels
@@ -157,7 +159,7 @@ class _UpBlock(_Stack):
         res = list(res_hidden_states_tuple)
         h = hidden_states
         for resnet, attn in self._layers():
-            h = xp.concat([h, res.pop()], axis=1)
+            h = xp.concat([h, res.pop()], axis=-1 if self.layout == "NHWC" else 1)
             h = resnet(h, temb)
             if attn is not None:
                 h = attn(h)
@@ -180,8 +182,11 @@ class _UpBlock(_Stack):
             gcat, gt = resnet.backward(g)
             gtemb = _add_temb(gtemb, gt)
             ch = self.hidden_channels[i]
-            g = gcat[:, :ch, ...]
-            grad_res.append(gcat[:, ch:, ...])
+            if self.layout == "NHWC":
+                g, gs = gcat[..., :ch], gcat[..., ch:]
+            else:
+                g, gs = gcat[:, :ch, ...], gcat[:, ch:, ...]
+            grad_res.append(gs)
         # resnet i consumed res[-1 - i]; grad_res was filled from the last resnet back
         return g, grad_res, gtemb
 
@@ -203,10 +208,10 @@ class UNetMidBlock2D(Module):
         self, *, in_channels: int, temb_channels: int, resnet_eps: float = 1e-6,
         resnet_groups: int = 32, attn_groups: int | None = None, num_layers: int = 1,
         attention_head_dim: int | None = None, output_scale_factor: float = 1.0,
-        add_attention: bool = True, dtype: str = "float32", xp: Any = None,
+        add_attention: bool = True, layout: str = "NCHW", dtype: str = "float32", xp: Any = None,
     ):
         super().__init__()
-        kw = {"dtype": dtype, "xp": xp}
+        kw = {"layout": layout, "dtype": dtype, "xp": xp}
         attn_groups = resnet_groups if attn_groups is None else attn_groups
         self.add_attention = add_attention
         self.resnets = ModuleList([

@@ -14,7 +14,16 @@ from ..functional import attention as fatt
 from ..functional import resampling as frs
 from ..functional.embeddings import timestep_embedding
 from ._checks import check_input
-from .layers import Conv2d, Dropout, GroupNorm, Linear, SiLU
+from .layers import (
+    Conv2d,
+    Dropout,
+    GroupNorm,
+    Linear,
+    SiLU,
+    _channel_axis,
+    _check_layout,
+    _layout_text,
+)
 from .module import Module, ModuleList
 
 __all__ = [
@@ -74,23 +83,26 @@ class Attention(Module):
 
     x (B, C, H, W) -> group_norm -> tokens (B, H*W, C) -> to_q/to_k/to_v (C -> heads*d)
     -> softmax(q k^T / sqrt(d)) v per head -> to_out.0 (heads*d -> C) -> back to
-    (B, C, H, W) -> ``(out + x) / rescale_output_factor``.
+    (B, C, H, W) -> ``(out + x) / rescale_output_factor``.  With ``layout="NHWC"`` x is
+    (B, H, W, C), whose reshape to tokens and back costs no copy.
     """
 
     def __init__(
         self, query_dim: int, heads: int = 8, dim_head: int = 64, *,
         rescale_output_factor: float = 1.0, eps: float = 1e-5, norm_num_groups: int | None = 32,
-        residual_connection: bool = True, bias: bool = True,
+        residual_connection: bool = True, bias: bool = True, layout: str = "NCHW",
         dtype: str = "float32", xp: Any = None,
     ):
         super().__init__()
+        _check_layout("Attention", layout)
+        self.layout = layout
         inner = heads * dim_head
         self.query_dim, self.heads, self.dim_head = query_dim, heads, dim_head
         self.rescale_output_factor = rescale_output_factor
         self.residual_connection = residual_connection
         self.scale = 1.0 / math.sqrt(dim_head)
         self.group_norm = (
-            GroupNorm(norm_num_groups, query_dim, eps=eps, dtype=dtype, xp=xp)
+            GroupNorm(norm_num_groups, query_dim, eps=eps, layout=layout, dtype=dtype, xp=xp)
             if norm_num_groups is not None else None
         )
         self.to_q = Linear(query_dim, inner, bias=bias, dtype=dtype, xp=xp)
@@ -99,28 +111,40 @@ class Attention(Module):
         self.to_out = ModuleList([Linear(inner, query_dim, bias=True, dtype=dtype, xp=xp),
                                   Dropout(0.0)])
 
+    def _tokens(self, xp: Any, h: Any) -> Any:
+        """(B, C, H, W) or (B, H, W, C) -> (B, H*W, C)."""
+        B, C = h.shape[0], self.query_dim
+        if self.layout == "NHWC":
+            return xp.reshape(h, (B, -1, C))
+        return xp.permute_dims(xp.reshape(h, (B, C, -1)), (0, 2, 1))
+
+    def _image(self, xp: Any, t: Any, shape: tuple) -> Any:
+        """(B, H*W, C) tokens -> an array of ``shape`` in this layer's layout."""
+        if self.layout == "NHWC":
+            return xp.reshape(t, shape)
+        return xp.reshape(xp.permute_dims(t, (0, 2, 1)), shape)
+
     def _split(self, xp: Any, t: Any) -> Any:
+        """(B, N, heads*d) -> (B, N, heads, d), a free reshape."""
         B, N, _ = t.shape
-        return xp.permute_dims(xp.reshape(t, (B, N, self.heads, self.dim_head)), (0, 2, 1, 3))
+        return xp.reshape(t, (B, N, self.heads, self.dim_head))
 
     def _merge(self, xp: Any, t: Any) -> Any:
-        B, h, N, d = t.shape
-        return xp.reshape(xp.permute_dims(t, (0, 2, 1, 3)), (B, N, h * d))
+        B, N, h, d = t.shape
+        return xp.reshape(t, (B, N, h * d))
 
     def forward(self, x: Any) -> Any:
         where = f"Attention({self.query_dim} channels, {self.heads} heads)"
         xp = check_input(where, x, like=self.to_q.weight.data, ndim=4, size=self.query_dim,
-                         layout="(B, C, H, W)")
-        B, C, H, W = x.shape
+                         axis=_channel_axis(self.layout), layout=_layout_text(self.layout))
         h = self.group_norm(x) if self.group_norm is not None else x
-        tokens = xp.permute_dims(xp.reshape(h, (B, C, H * W)), (0, 2, 1))
+        tokens = self._tokens(xp, h)
         q = self._split(xp, self.to_q(tokens))
         k = self._split(xp, self.to_k(tokens))
         v = self._split(xp, self.to_v(tokens))
         o, cache = fatt.sdpa_forward(q, k, v, self.scale)
         self._save(cache)
-        out = self.to_out[0](self._merge(xp, o))  # (B, HW, C)
-        out = xp.reshape(xp.permute_dims(out, (0, 2, 1)), (B, C, H, W))
+        out = self._image(xp, self.to_out[0](self._merge(xp, o)), tuple(x.shape))
         if self.residual_connection:
             out = out + x
         f = self.rescale_output_factor
@@ -129,16 +153,15 @@ class Attention(Module):
     def backward(self, grad_output: Any) -> Any:
         xp = backend.get_namespace(grad_output)
         cache = self._take()
-        B, C, H, W = grad_output.shape
+        shape = tuple(grad_output.shape)
         f = self.rescale_output_factor
         g = grad_output if f == 1.0 else grad_output / f
-        gout = xp.permute_dims(xp.reshape(g, (B, C, H * W)), (0, 2, 1))
-        go = self._split(xp, self.to_out[0].backward(gout))
+        go = self._split(xp, self.to_out[0].backward(self._tokens(xp, g)))
         gq, gk, gv = fatt.sdpa_backward(cache, go)
         gt = self.to_q.backward(self._merge(xp, gq))
-        gt = gt + self.to_k.backward(self._merge(xp, gk))
-        gt = gt + self.to_v.backward(self._merge(xp, gv))
-        gh = xp.reshape(xp.permute_dims(gt, (0, 2, 1)), (B, C, H, W))
+        gt += self.to_k.backward(self._merge(xp, gk))   # gt is a fresh product
+        gt += self.to_v.backward(self._merge(xp, gv))
+        gh = self._image(xp, gt, shape)
         gx = self.group_norm.backward(gh) if self.group_norm is not None else gh
         return gx + g if self.residual_connection else gx
 
@@ -147,18 +170,21 @@ class Upsample2D(Module):
     """Nearest upsampling x2 (or to an explicit ``output_size``) followed by a 3x3 conv."""
 
     def __init__(self, channels: int, use_conv: bool = True, out_channels: int | None = None, *,
-                 dtype: str = "float32", xp: Any = None):
+                 layout: str = "NCHW", dtype: str = "float32", xp: Any = None):
         super().__init__()
-        self.channels = channels
+        _check_layout("Upsample2D", layout)
+        self.channels, self.layout = channels, layout
         out_channels = out_channels or channels
-        self.conv = (Conv2d(channels, out_channels, 3, padding=1, dtype=dtype, xp=xp)
+        self.conv = (Conv2d(channels, out_channels, 3, padding=1, layout=layout, dtype=dtype,
+                            xp=xp)
                      if use_conv else None)
 
     def forward(self, x: Any, output_size: tuple[int, int] | None = None) -> Any:
         check_input(f"Upsample2D({self.channels})", x, ndim=4, size=self.channels,
-                    layout="(B, C, H, W)")
-        size = output_size or (2 * x.shape[2], 2 * x.shape[3])
-        y, cache = frs.upsample_nearest_forward(x, tuple(size))
+                    axis=_channel_axis(self.layout), layout=_layout_text(self.layout))
+        H, W = (x.shape[1], x.shape[2]) if self.layout == "NHWC" else (x.shape[2], x.shape[3])
+        size = output_size or (2 * H, 2 * W)
+        y, cache = frs.upsample_nearest_forward(x, tuple(size), self.layout)
         self._save(cache)
         return self.conv(y) if self.conv is not None else y
 
@@ -171,14 +197,15 @@ class Downsample2D(Module):
     """3x3 convolution with stride 2 and padding 1: (B, C, H, W) -> (B, O, ceil(H/2), ceil(W/2))."""
 
     def __init__(self, channels: int, use_conv: bool = True, out_channels: int | None = None,
-                 padding: int = 1, *, dtype: str = "float32", xp: Any = None):
+                 padding: int = 1, *, layout: str = "NCHW", dtype: str = "float32",
+                 xp: Any = None):
         super().__init__()
         if not use_conv:
             raise ValueError("Downsample2D: only use_conv=True (a strided conv) is supported")
         if padding != 1:
             raise ValueError(f"Downsample2D: only padding=1 is supported, got padding={padding}")
         self.conv = Conv2d(channels, out_channels or channels, 3, stride=2, padding=1,
-                           dtype=dtype, xp=xp)
+                           layout=layout, dtype=dtype, xp=xp)
 
     def forward(self, x: Any) -> Any:
         return self.conv(x)
@@ -194,15 +221,15 @@ class ResnetBlock2D(Module):
     h = conv2(silu(norm2(h)));  out = (shortcut(x) + h) / output_scale_factor
     where shortcut is a 1x1 ``conv_shortcut`` when the channel count changes.
 
-    ``forward(x, temb)`` with x (B, C, H, W) and temb (B, temb_channels);
-    ``backward(g)`` returns ``(gx, gtemb)``.
+    ``forward(x, temb)`` with x (B, C, H, W) (or (B, H, W, C) with ``layout="NHWC"``)
+    and temb (B, temb_channels); ``backward(g)`` returns ``(gx, gtemb)``.
     """
 
     def __init__(
         self, *, in_channels: int, out_channels: int | None = None, temb_channels: int | None = 512,
         groups: int = 32, groups_out: int | None = None, eps: float = 1e-6,
         non_linearity: str = "silu", output_scale_factor: float = 1.0, dropout: float = 0.0,
-        dtype: str = "float32", xp: Any = None,
+        layout: str = "NCHW", dtype: str = "float32", xp: Any = None,
     ):
         super().__init__()
         if non_linearity != "silu":
@@ -213,15 +240,18 @@ class ResnetBlock2D(Module):
         groups_out = groups_out or groups
         self.in_channels, self.out_channels = in_channels, out_channels
         self.output_scale_factor = output_scale_factor
+        _check_layout("ResnetBlock2D", layout)
+        self.layout = layout
         kw = {"dtype": dtype, "xp": xp}
-        self.norm1 = GroupNorm(groups, in_channels, eps=eps, **kw)
-        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1, **kw)
+        lkw = {"layout": layout, **kw}
+        self.norm1 = GroupNorm(groups, in_channels, eps=eps, **lkw)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1, **lkw)
         self.time_emb_proj = Linear(temb_channels, out_channels, **kw) if temb_channels else None
-        self.norm2 = GroupNorm(groups_out, out_channels, eps=eps, **kw)
+        self.norm2 = GroupNorm(groups_out, out_channels, eps=eps, **lkw)
         self.dropout = Dropout(dropout)
-        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1, **kw)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1, **lkw)
         self._act1, self._act_t, self._act2 = SiLU(), SiLU(), SiLU()
-        self.conv_shortcut = (Conv2d(in_channels, out_channels, 1, **kw)
+        self.conv_shortcut = (Conv2d(in_channels, out_channels, 1, **lkw)
                               if in_channels != out_channels else None)
 
     def forward(self, x: Any, temb: Any | None) -> Any:
@@ -230,11 +260,11 @@ class ResnetBlock2D(Module):
             if temb is None:
                 raise ValueError("ResnetBlock2D: this block has time_emb_proj; temb is required")
             t = self.time_emb_proj(self._act_t(temb))
-            h = h + t[:, :, None, None]
+            h += t[:, None, None, :] if self.layout == "NHWC" else t[:, :, None, None]
         h = self.conv2(self.dropout(self._act2(self.norm2(h))))
-        sc = self.conv_shortcut(x) if self.conv_shortcut is not None else x
+        h += self.conv_shortcut(x) if self.conv_shortcut is not None else x
         f = self.output_scale_factor
-        return sc + h if f == 1.0 else (sc + h) / f  # x / 1.0 == x: skip the pass
+        return h if f == 1.0 else h / f  # x / 1.0 == x: skip the pass
 
     def backward(self, grad_output: Any) -> tuple[Any, Any | None]:
         xp = backend.get_namespace(grad_output)
@@ -244,7 +274,8 @@ class ResnetBlock2D(Module):
         gh = self.norm2.backward(self._act2.backward(self.dropout.backward(self.conv2.backward(g))))
         gtemb = None
         if self.time_emb_proj is not None:
-            gt = xp.sum(gh, axis=(2, 3))
+            gt = xp.sum(gh, axis=(1, 2) if self.layout == "NHWC" else (2, 3))
             gtemb = self._act_t.backward(self.time_emb_proj.backward(gt))
         gx = self.norm1.backward(self._act1.backward(self.conv1.backward(gh)))
-        return gx + gsc, gtemb
+        gx += gsc               # gx is a fresh array
+        return gx, gtemb

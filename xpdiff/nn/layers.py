@@ -21,6 +21,8 @@ from . import init
 from ._checks import check_input
 from .module import Module, Parameter
 
+LAYOUTS = ("NCHW", "NHWC")
+
 __all__ = [
     "Conv2d",
     "Dropout",
@@ -64,18 +66,36 @@ class Linear(Module):
         return gx
 
 
+def _check_layout(where: str, layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"{where}: layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def _channel_axis(layout: str) -> int:
+    return -1 if layout == "NHWC" else 1
+
+
+def _layout_text(layout: str) -> str:
+    return "(B, H, W, C)" if layout == "NHWC" else "(B, C, H, W)"
+
+
 class Conv2d(Module):
     """2-D convolution of (B, C, H, W) with square kernel, stride and zero padding.
 
-    Output (B, O, Ho, Wo), ``Ho = (H + 2 padding - k) // stride + 1``.  See
+    Output (B, O, Ho, Wo), ``Ho = (H + 2 padding - k) // stride + 1``.  With
+    ``layout="NHWC"`` input and output are channels-last, (B, H, W, C) and
+    (B, Ho, Wo, O); the weight stays (O, C, k, k) either way.  See
     ``xpdiff.functional.conv`` for the im2col formulation.
     """
 
     def __init__(
         self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-        padding: int = 0, bias: bool = True, *, dtype: str = "float32", xp: Any = None,
+        padding: int = 0, bias: bool = True, *, layout: str = "NCHW", dtype: str = "float32",
+        xp: Any = None,
     ):
         super().__init__()
+        _check_layout("Conv2d", layout)
+        self.layout = layout
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         k = kernel_size
@@ -92,12 +112,14 @@ class Conv2d(Module):
     def forward(self, x: Any) -> Any:
         where = self._where()
         check_input(where, x, like=self.weight.data, ndim=4, size=self.in_channels,
-                    layout="(B, C, H, W)")
+                    axis=_channel_axis(self.layout), layout=_layout_text(self.layout))
         k, p = self.kernel_size, self.padding
-        if x.shape[2] + 2 * p < k or x.shape[3] + 2 * p < k:
+        H, W = (x.shape[1], x.shape[2]) if self.layout == "NHWC" else (x.shape[2], x.shape[3])
+        if H + 2 * p < k or W + 2 * p < k:
             raise ValueError(f"{where}: input {tuple(x.shape)} is smaller than the kernel")
         y, cache = fc.conv2d_forward(
-            x, self.weight.data, self.bias.data if self.bias else None, self.stride, p
+            x, self.weight.data, self.bias.data if self.bias else None, self.stride, p,
+            layout=self.layout,
         )
         self._save(cache)
         return y
@@ -111,13 +133,18 @@ class Conv2d(Module):
 
 
 class GroupNorm(Module):
-    """Group normalisation of (B, C, *spatial) with per-channel affine weight and bias."""
+    """Group normalisation of (B, C, *spatial) with per-channel affine weight and bias.
+
+    With ``layout="NHWC"`` the channels are the last axis: (B, *spatial, C).
+    """
 
     def __init__(
         self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, *,
-        dtype: str = "float32", xp: Any = None,
+        layout: str = "NCHW", dtype: str = "float32", xp: Any = None,
     ):
         super().__init__()
+        _check_layout("GroupNorm", layout)
+        self.layout = layout
         if num_groups <= 0 or num_channels % num_groups:
             raise ValueError(
                 f"GroupNorm: num_groups must divide num_channels, got num_groups={num_groups} "
@@ -130,13 +157,14 @@ class GroupNorm(Module):
     def forward(self, x: Any) -> Any:
         where = f"GroupNorm({self.num_groups} groups, {self.num_channels} channels)"
         like = self.weight.data if self.weight is not None else None
-        check_input(where, x, like=like, size=self.num_channels)
+        check_input(where, x, like=like, size=self.num_channels, axis=_channel_axis(self.layout))
         if x.ndim < 2:
-            raise ValueError(f"{where}: expected (B, C, ...), got shape {tuple(x.shape)}")
+            want = "(B, ..., C)" if self.layout == "NHWC" else "(B, C, ...)"
+            raise ValueError(f"{where}: expected {want}, got shape {tuple(x.shape)}")
         y, cache = fn.group_norm_forward(
             x, self.num_groups,
             self.weight.data if self.weight else None,
-            self.bias.data if self.bias else None, self.eps,
+            self.bias.data if self.bias else None, self.eps, layout=self.layout,
         )
         self._save(cache)
         return y
