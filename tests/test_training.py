@@ -166,9 +166,10 @@ def test_example_config_files_load_and_build(tmp_path):
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="snr_gamma must be > 0 or None, got 0"):
+    with pytest.raises(ValueError, match="expected snr_gamma to be a finite number > 0.0 or None, "
+                                         "got 0"):
         tiny(snr_gamma=0).validate()
-    with pytest.raises(ValueError, match="size must be 14 or 28, got 20"):
+    with pytest.raises(ValueError, match="expected size to be one of 14, 28, got 20"):
         tiny(size=20).validate()
     with pytest.raises(ValueError, match="unknown keys"):
         TrainConfig.from_json({"learning_rate": 1})

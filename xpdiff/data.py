@@ -16,6 +16,7 @@ Sources:
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import math
 import os
@@ -31,6 +32,7 @@ __all__ = [
     "Prepared",
     "batches",
     "downsample",
+    "fingerprint",
     "from_model_range",
     "load_dataset",
     "load_idx",
@@ -375,6 +377,17 @@ def _batch_iter(
     for s in starts:
         idx = perm[s : min(s + batch_size, stop)]
         yield hx.take(images, idx, axis=0), hx.take(labels, idx, axis=0)
+
+
+def fingerprint(*arrays: Any) -> str:
+    """A short hash (16 hex digits) of the shapes, dtypes and bytes of host arrays: it tells
+    whether the data under one path changed."""
+    h = hashlib.sha256()
+    for a in arrays:
+        host = backend.to_numpy(a, contiguous=True)
+        h.update(str((tuple(host.shape), backend.dtype_name(host.dtype))).encode())
+        h.update(memoryview(host).cast("B"))
+    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------

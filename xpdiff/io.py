@@ -2,7 +2,8 @@
 
 Writes are atomic: each file is written to a temporary name in the same folder,
 flushed to disk, then renamed over the target, so an interrupted save never
-leaves a half-written checkpoint behind.
+leaves a half-written checkpoint behind.  The file gets the permissions a plain
+``open(path, "w")`` would (0644 under umask 022).  Errors while reading name the file.
 """
 
 from __future__ import annotations
@@ -30,14 +31,25 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then atomically rename ``tmp_path`` to ``path``."""
+    """Call ``write(tmp_path)`` then atomically rename ``tmp_path`` to ``path``.
+
+    The temporary file (private while it is written) gets mode ``0o666 & ~umask`` before
+    the rename, as a file created by ``open`` would.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -59,14 +71,22 @@ def save_json(obj: Any, path: str | os.PathLike) -> None:
 
 
 def load_json(path: str | os.PathLike) -> Any:
+    """The JSON value in the UTF-8 file ``path``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: not UTF-8 or not valid JSON; the message names the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"expected a JSON file at {path}, found nothing")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON: not UTF-8 text ({err})") from err
 
 
 def save_safetensors(
@@ -80,13 +100,23 @@ def save_safetensors(
 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a safetensors file into host (NumPy) arrays."""
+    """Read a safetensors file into host (NumPy) arrays.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: a truncated or corrupt file; the message names it.
+    """
     from safetensors.numpy import load_file
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"expected a safetensors file at {path}, found nothing")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # safetensors' own error type, or a decoding error
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
 
 
 def save_config(config: dict, directory: str | os.PathLike, class_name: str,

@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from . import backend
+from ._validation import ArgumentTypeError, check_float, check_int
 from .nn.module import Module
 
 __all__ = ["EMA", "SGD", "AdamW", "clip_grad_norm", "warmup_cosine"]
@@ -17,6 +18,12 @@ __all__ = ["EMA", "SGD", "AdamW", "clip_grad_norm", "warmup_cosine"]
 
 def warmup_cosine(step: int, base_lr: float, warmup: int, total: int, min_lr: float = 0.0) -> float:
     """Learning rate at ``step``: linear warmup over ``warmup`` steps, then cosine to ``min_lr``."""
+    where = "warmup_cosine"
+    check_int(where, "step", step, min=0)
+    check_float(where, "base_lr", base_lr, min=0.0)
+    check_int(where, "warmup", warmup, min=0)
+    check_int(where, "total", total, min=0)
+    check_float(where, "min_lr", min_lr, min=0.0)
     if warmup > 0 and step < warmup:
         return base_lr * (step + 1) / warmup
     if total <= warmup:
@@ -27,7 +34,12 @@ def warmup_cosine(step: int, base_lr: float, warmup: int, total: int, min_lr: fl
 
 def clip_grad_norm(model: Module, max_norm: float | None) -> float:
     """Scale all gradients so their global L2 norm is at most ``max_norm``; return the norm
-    before clipping (``inf``/``nan`` are returned as they are, and nothing is scaled)."""
+    before clipping (``inf``/``nan`` are returned as they are, and nothing is scaled).
+
+    ``max_norm`` is a finite number > 0, or None for no clipping.
+    """
+    max_norm = check_float("clip_grad_norm", "max_norm", max_norm, min=0.0, min_open=True,
+                           none=True)
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return 0.0
@@ -44,7 +56,7 @@ class SGD:
     """Plain gradient descent: ``p -= lr * grad``."""
 
     def __init__(self, model: Module, lr: float = 1e-2):
-        self.model, self.lr = model, lr
+        self.model, self.lr = model, check_float("SGD", "lr", lr, min=0.0)
 
     def step(self) -> None:
         for p in self.model.parameters():
@@ -62,8 +74,16 @@ class AdamW:
 
     def __init__(self, model: Module, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0):
+        where = "AdamW"
         self.model = model
-        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.lr = check_float(where, "lr", lr, min=0.0)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ArgumentTypeError(f"{where}: expected betas to be a pair of numbers in "
+                                    f"[0, 1), got {betas!r}")
+        self.betas = tuple(check_float(where, f"betas[{i}]", b, min=0.0, max=1.0,
+                                       max_open=True) for i, b in enumerate(betas))
+        self.eps = check_float(where, "eps", eps, min=0.0, min_open=True)
+        self.weight_decay = check_float(where, "weight_decay", weight_decay, min=0.0)
         self.t = 0
         self.m: dict[str, Any] = {}
         self.v: dict[str, Any] = {}
@@ -89,24 +109,55 @@ class AdamW:
             p.data = p.data - self.lr * update
 
     def state_dict(self) -> tuple[dict[str, Any], dict]:
-        """``(arrays, scalars)``: moment arrays named ``m.<param>``/``v.<param>``, and JSON."""
+        """``(arrays, scalars)``: moment arrays named ``m.<param>``/``v.<param>``, and JSON
+        scalars (step count, hyper-parameters, the names of the parameters with moments)."""
         arrays = {f"m.{k}": a for k, a in self.m.items()}
         arrays.update({f"v.{k}": a for k, a in self.v.items()})
         scalars = {"t": self.t, "lr": self.lr, "betas": list(self.betas), "eps": self.eps,
-                   "weight_decay": self.weight_decay}
+                   "weight_decay": self.weight_decay, "params": sorted(self.m)}
         return arrays, scalars
 
     def load_state_dict(self, arrays: dict[str, Any], scalars: dict) -> None:
+        """Restore the moments and step count of :meth:`state_dict`.
+
+        Raises:
+            ValueError: an entry for no parameter, a moment of the wrong shape, ``m`` and
+                ``v`` for different parameters, moments missing for parameters the state
+                says it holds (all of them when it does not say, after a step), or a bad
+                step count.  Nothing is changed then.
+        """
+        where = "AdamW.load_state_dict"
+        if not isinstance(scalars, dict):
+            raise ValueError(f"{where}: expected a dict of scalars, got {scalars!r:.60}")
+        t = check_int(where, "t", scalars.get("t"), min=0)
         params = dict(self.model.named_parameters())
-        self.t = int(scalars["t"])
-        self.m, self.v = {}, {}
+        m: dict[str, Any] = {}
+        v: dict[str, Any] = {}
+        problems = []
         for key, a in arrays.items():
             kind, _, name = key.partition(".")
             if name not in params or kind not in ("m", "v"):
-                raise KeyError(f"AdamW.load_state_dict: unexpected state entry {key!r}")
-            p = params[name].data
-            val = backend.asarray(backend.to_numpy(a), backend.get_namespace(p), dtype=p.dtype)
-            (self.m if kind == "m" else self.v)[name] = val
+                problems.append(f"unexpected entry {key!r}")
+                continue
+            p = params[name]
+            if tuple(a.shape) != p.shape:
+                problems.append(f"{key}: expected shape {p.shape}, got {tuple(a.shape)}")
+                continue
+            val = backend.asarray(backend.to_numpy(a), backend.get_namespace(p.data),
+                                  dtype=p.dtype)
+            (m if kind == "m" else v)[name] = val
+        listed = scalars.get("params")
+        expected = set(listed) if isinstance(listed, list) else (set(params) if t else set())
+        for kind, got in (("m", m), ("v", v)):
+            missing = sorted(expected - set(got))
+            if missing:
+                problems.append(f"missing {kind} moments ({len(missing)}): "
+                                f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}")
+        if set(m) != set(v) and not problems:
+            problems.append("m and v moments cover different parameters")
+        if problems:
+            raise ValueError(f"{where}: " + "; ".join(problems))
+        self.t, self.m, self.v = t, m, v
 
 
 class EMA:
@@ -117,7 +168,7 @@ class EMA:
     """
 
     def __init__(self, model: Module, decay: float = 0.999):
-        self.decay = decay
+        self.decay = check_float("EMA", "decay", decay, min=0.0, max=1.0)
         self.updates = 0
         self.shadow = {k: p.data for k, p in model.named_parameters()}
 
@@ -135,11 +186,33 @@ class EMA:
         return dict(self.shadow), {"decay": self.decay, "updates": self.updates}
 
     def load_state_dict(self, arrays: dict[str, Any], scalars: dict) -> None:
+        """Restore the averages and counters of :meth:`state_dict`.
+
+        Raises:
+            ValueError: missing, unexpected or wrong-shaped entries, or bad scalars
+                (nothing is changed then).
+        """
+        where = "EMA.load_state_dict"
+        if not isinstance(scalars, dict):
+            raise ValueError(f"{where}: expected a dict of scalars, got {scalars!r:.60}")
+        decay = check_float(where, "decay", scalars.get("decay"), min=0.0, max=1.0)
+        updates = check_int(where, "updates", scalars.get("updates"), min=0)
         missing = sorted(set(self.shadow) - set(arrays))
+        unexpected = sorted(set(arrays) - set(self.shadow))
+        problems = []
         if missing:
-            raise KeyError(f"EMA.load_state_dict: missing entries {missing}")
-        for k, ref in self.shadow.items():
-            self.shadow[k] = backend.asarray(
-                backend.to_numpy(arrays[k]), backend.get_namespace(ref), dtype=ref.dtype)
-        self.decay = float(scalars["decay"])
-        self.updates = int(scalars["updates"])
+            problems.append(f"missing entries ({len(missing)}): {', '.join(missing[:5])}"
+                            f"{', ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            problems.append(f"unexpected entries ({len(unexpected)}): "
+                            f"{', '.join(unexpected[:5])}{', ...' if len(unexpected) > 5 else ''}")
+        problems += [f"{k}: expected shape {tuple(ref.shape)}, got {tuple(arrays[k].shape)}"
+                     for k, ref in self.shadow.items()
+                     if k in arrays and tuple(arrays[k].shape) != tuple(ref.shape)]
+        if problems:
+            raise ValueError(f"{where}: " + "; ".join(problems))
+        self.shadow = {
+            k: backend.asarray(backend.to_numpy(arrays[k]), backend.get_namespace(ref),
+                               dtype=ref.dtype)
+            for k, ref in self.shadow.items()}
+        self.decay, self.updates = decay, updates

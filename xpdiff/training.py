@@ -7,6 +7,7 @@ A run directory holds::
     checkpoint-<step>/        unet/ and unet_ema/ (diffusers layout), scheduler/,
                               optimizer.safetensors, trainer_state.json
     latest.json               the name of the newest complete checkpoint
+    train.lock                while a trainer runs: its PID (see RunLock)
     samples.png               a digit grid drawn at the end
 
 Checkpoints are written into a temporary directory and renamed into place, and
@@ -18,24 +19,36 @@ generator, so a resumed run reproduces the uninterrupted one bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
+import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import backend, data, io
+from . import _validation, backend, data, io
 from .functional.losses import mse_loss
 from .models.unet_2d import UNet2DModel
 from .nn import init
 from .optim import EMA, AdamW, clip_grad_norm, warmup_cosine
 from .schedulers import DDIMScheduler, DDPMScheduler
 
-__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "load_for_sampling"]
+__all__ = [
+    "RunLock",
+    "RunLocked",
+    "TrainConfig",
+    "Trainer",
+    "TrainingDiverged",
+    "latest_checkpoint",
+    "load_for_sampling",
+]
 
 NUM_DIGITS = 10
 
@@ -104,33 +117,79 @@ class TrainConfig:
     def null_class(self) -> int:
         return NUM_DIGITS
 
-    def validate(self) -> None:
-        if self.size not in (14, 28):
-            raise ValueError(f"TrainConfig: size must be 14 or 28, got {self.size}")
-        if self.batch_size < 1:
-            raise ValueError(f"TrainConfig: batch_size must be >= 1, got {self.batch_size}")
-        if not 0.0 <= self.label_dropout < 1.0:
-            raise ValueError(f"TrainConfig: label_dropout must be in [0, 1), got "
-                             f"{self.label_dropout}")
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"TrainConfig: dtype must be float32 or float64, got {self.dtype!r}")
-        if self.snr_gamma is not None and not self.snr_gamma > 0:
-            raise ValueError(f"TrainConfig: snr_gamma must be > 0 or None, got {self.snr_gamma}")
-        if self.checkpoint_every < 1:
-            raise ValueError(f"TrainConfig: checkpoint_every must be >= 1, got "
-                             f"{self.checkpoint_every}")
+    def validate(self, where: str = "TrainConfig") -> None:
+        """Check the type and range of every field.
+
+        Raises:
+            ArgumentError (a ValueError; a TypeError too for a wrong type), naming the field,
+            what was expected and what came.
+        """
+        v = _validation
+        if self.data is not None and not isinstance(self.data, (str, os.PathLike)):
+            raise v.ArgumentTypeError(
+                f"{where}: expected data to be a folder path or None, got {self.data!r}")
+        v.check_choice(where, "size", self.size, (14, 28))
+        v.check_float(where, "test_fraction", self.test_fraction, min=0.0, max=1.0,
+                      max_open=True)
+        v.check_int_list(where, "block_out_channels", self.block_out_channels, min=1)
+        for name in ("down_block_types", "up_block_types"):
+            types = getattr(self, name)
+            if isinstance(types, str) or not isinstance(types, (list, tuple)) or not all(
+                    isinstance(b, str) for b in types):
+                raise v.ArgumentTypeError(
+                    f"{where}: expected {name} to be a list of block type names, got {types!r}")
+        v.check_int(where, "layers_per_block", self.layers_per_block, min=1)
+        v.check_int(where, "norm_num_groups", self.norm_num_groups, min=1)
+        v.check_int(where, "attention_head_dim", self.attention_head_dim, min=1, none=True)
+        v.check_int(where, "num_train_timesteps", self.num_train_timesteps, min=1)
+        v.check_choice(where, "beta_schedule", self.beta_schedule,
+                       ("linear", "scaled_linear", "squaredcos_cap_v2"))
+        v.check_choice(where, "prediction_type", self.prediction_type,
+                       ("epsilon", "v_prediction", "sample"))
+        v.check_int(where, "batch_size", self.batch_size, min=1)
+        v.check_int(where, "epochs", self.epochs, min=1)
+        v.check_int(where, "max_steps", self.max_steps, min=1, none=True)
+        v.check_float(where, "lr", self.lr, min=0.0, min_open=True)
+        v.check_int(where, "warmup_steps", self.warmup_steps, min=0)
+        v.check_float(where, "min_lr", self.min_lr, min=0.0)
+        v.check_float(where, "weight_decay", self.weight_decay, min=0.0)
+        v.check_float(where, "grad_clip", self.grad_clip, min=0.0, min_open=True, none=True)
+        v.check_float(where, "ema_decay", self.ema_decay, min=0.0, max=1.0)
+        v.check_float(where, "snr_gamma", self.snr_gamma, min=0.0, min_open=True, none=True)
+        v.check_float(where, "label_dropout", self.label_dropout, min=0.0, max=1.0,
+                      max_open=True)
+        v.check_int(where, "seed", self.seed, min=0)
+        v.check_int(where, "checkpoint_every", self.checkpoint_every, min=1)
+        v.check_int(where, "keep_checkpoints", self.keep_checkpoints, min=0)  # 0: keep all
+        v.check_int(where, "log_every", self.log_every, min=1)
+        v.check_choice(where, "backend", self.backend, ("numpy", "cupy"))
+        v.check_choice(where, "dtype", self.dtype, ("float32", "float64"))
+        v.check_int(where, "sample_steps", self.sample_steps, min=1,
+                    max=self.num_train_timesteps)
+        v.check_float(where, "guidance_scale", self.guidance_scale, min=0.0)
+        v.check_bool(where, "clip_sample", self.clip_sample)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> TrainConfig:
+    def from_json(cls, d: dict, where: str = "TrainConfig") -> TrainConfig:
+        """A validated TrainConfig from a dict (a config file, or a checkpoint's record).
+
+        ``where`` starts every error message (e.g. the file name).
+        """
+        if not isinstance(d, dict):
+            raise _validation.ArgumentTypeError(
+                f"{where}: expected a JSON object of TrainConfig fields, got "
+                f"{type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"TrainConfig: unknown keys {unknown}; expected a subset of "
+            raise ValueError(f"{where}: unknown keys {unknown}; expected a subset of "
                              f"{sorted(known)}")
-        return cls(**d)
+        cfg = cls(**d)
+        cfg.validate(where)
+        return cfg
 
     def unet_kwargs(self) -> dict:
         return {
@@ -172,6 +231,12 @@ class Trainer:
         prepared = data.prepare(config.data, config.size, config.test_fraction, seed=0)
         self.x_train, self.y_train = prepared.x_train, prepared.y_train
         self.x_test, self.y_test = prepared.x_test, prepared.y_test
+        if self.y_train.shape[0] == 0:
+            source = config.data if config.data is not None else "the embedded MNIST 5k set"
+            raise ValueError(f"Trainer: no training images in {source} (after holding out "
+                             f"test_fraction={config.test_fraction})")
+        self.data_sha256 = data.fingerprint(self.x_train, self.y_train)
+        self._lock = RunLock(self.run_dir)
         init.manual_seed(config.seed)
         self.model = UNet2DModel(**config.unet_kwargs(), dtype=config.dtype, xp=self.xp)
         self.noise_scheduler = config.scheduler()
@@ -232,7 +297,7 @@ class Trainer:
             last = self.latest_checkpoint()
             raise TrainingDiverged(
                 f"loss became {loss} at step {self.step}; the last good checkpoint is "
-                f"{last if last else '(none yet)'}; try a lower learning rate or grad_clip"
+                f"{last if last else '(none yet)'}; {_DIVERGED_ADVICE}"
             )
         self.model.zero_grad()
         self.model.backward(grad)
@@ -241,7 +306,7 @@ class Trainer:
             last = self.latest_checkpoint()
             raise TrainingDiverged(
                 f"gradient norm became {norm} at step {self.step}; the last good checkpoint is "
-                f"{last if last else '(none yet)'}"
+                f"{last if last else '(none yet)'}; {_DIVERGED_ADVICE}"
             )
         self.optimizer.lr = warmup_cosine(self.step, cfg.lr, cfg.warmup_steps,
                                           self.total_steps, cfg.min_lr)
@@ -254,12 +319,45 @@ class Trainer:
         """Train until ``total_steps`` (or stop early at step ``until``, as an interruption
         would); checkpoint every ``checkpoint_every`` steps and where it stops.
 
+        Holds the run directory's lock while it runs (released when it returns or raises).
+
         Returns a summary dict (steps, final loss, seconds).
+
+        Raises:
+            RunLocked: another process is training in the same run directory.
+            TrainingDiverged: the loss, the gradient norm or the weights became non-finite.
         """
         cfg = self.config
         stop = self.total_steps if until is None else min(until, self.total_steps)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        io.save_json(cfg.to_json(), self.run_dir / "config.json")
+        self.lock()
+        try:
+            self._remove_leftovers()
+            self._truncate_metrics()
+            io.save_json(cfg.to_json(), self.run_dir / "config.json")
+            return self._train(stop)
+        finally:
+            self.unlock()
+
+    def lock(self) -> bool:
+        """Take the run directory's lock (see :class:`RunLock`) unless this trainer holds it.
+
+        Returns True when this call took it.  ``train`` takes it for its duration; ``resume``
+        takes it and keeps it until ``train`` ends or :meth:`unlock`.
+
+        Raises:
+            RunLocked: another process trains in the same directory (the message names it).
+        """
+        if self._lock.held:
+            return False
+        self._lock.acquire()
+        return True
+
+    def unlock(self) -> None:
+        """Release the run directory's lock (no-op when not held)."""
+        self._lock.release()
+
+    def _train(self, stop: int) -> dict:
+        cfg = self.config
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -277,6 +375,7 @@ class Trainer:
                     self.epoch_rng_state = self.data_rng.get_state()
                 else:  # resuming mid-epoch: redraw this epoch's order, skip what was done
                     self.data_rng.set_state(self.epoch_rng_state)
+                done_before = self.step
                 for xb, yb in data.batches(self.x_train, self.y_train, cfg.batch_size,
                                            self.data_rng, skip=self.batch_in_epoch):
                     loss, norm = self.train_step(xb, yb)
@@ -302,6 +401,10 @@ class Trainer:
                         self.save_checkpoint()
                     if self.step >= stop:
                         break
+                if self.step == done_before:  # never loop over an epoch without batches
+                    raise RuntimeError(
+                        f"Trainer: epoch {self.epoch} has no batches left after batch "
+                        f"{self.batch_in_epoch} of {self.steps_per_epoch}")
         finally:
             if bar is not None:
                 bar.close()
@@ -316,31 +419,59 @@ class Trainer:
     def latest_checkpoint(self) -> Path | None:
         return latest_checkpoint(self.run_dir)
 
+    def _check_finite(self) -> None:
+        """Refuse to checkpoint non-finite weights, EMA or optimizer moments: the last
+        checkpoint must always be one to resume or sample from."""
+        xp = self.xp
+        groups = {"weights": {k: p.data for k, p in self.model.named_parameters()},
+                  "EMA weights": self.ema.shadow, "optimizer moments": {
+                      **{f"m.{k}": a for k, a in self.optimizer.m.items()},
+                      **{f"v.{k}": a for k, a in self.optimizer.v.items()}}}
+        for what, arrays in groups.items():
+            bad = [k for k, a in arrays.items() if not bool(xp.all(xp.isfinite(a)))]
+            if bad:
+                last = self.latest_checkpoint()
+                raise TrainingDiverged(
+                    f"the {what} became NaN or infinite by step {self.step} (first: {bad[0]}); "
+                    f"not checkpointed; the last good checkpoint is "
+                    f"{last if last else '(none yet)'}; {_DIVERGED_ADVICE}")
+
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoint-<step>`` atomically and point ``latest.json`` at it."""
+        """Write ``checkpoint-<step>`` atomically and point ``latest.json`` at it.
+
+        Raises:
+            TrainingDiverged: a weight, EMA weight or optimizer moment is not finite (nothing
+                is written; the previous checkpoint stays the latest).
+        """
+        self._check_finite()
         final = self.run_dir / f"checkpoint-{self.step:07d}"
         tmp = self.run_dir / f".tmp-checkpoint-{self.step:07d}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        self.model.save_pretrained(tmp / "unet")
-        ema_model = self._ema_model()
-        ema_model.save_pretrained(tmp / "unet_ema")
-        self.noise_scheduler.save_config(tmp / "scheduler")
-        opt_arrays, opt_scalars = self.optimizer.state_dict()
-        io.save_safetensors(opt_arrays, tmp / "optimizer.safetensors")
-        _, ema_scalars = self.ema.state_dict()
-        io.save_json({
-            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "epoch_rng_state": self.epoch_rng_state,
-            "data_rng_state": self.data_rng.get_state(),
-            "noise_rng_state": self.noise_rng.get_state(),
-            "optimizer": opt_scalars, "ema": ema_scalars,
-            "train_config": self.config.to_json(),
-        }, tmp / "trainer_state.json")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        try:
+            tmp.mkdir(parents=True)
+            self.model.save_pretrained(tmp / "unet")
+            ema_model = self._ema_model()
+            ema_model.save_pretrained(tmp / "unet_ema")
+            self.noise_scheduler.save_config(tmp / "scheduler")
+            opt_arrays, opt_scalars = self.optimizer.state_dict()
+            io.save_safetensors(opt_arrays, tmp / "optimizer.safetensors")
+            _, ema_scalars = self.ema.state_dict()
+            io.save_json({
+                "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "epoch_rng_state": self.epoch_rng_state,
+                "data_rng_state": self.data_rng.get_state(),
+                "noise_rng_state": self.noise_rng.get_state(),
+                "optimizer": opt_scalars, "ema": ema_scalars,
+                "n_train": int(self.y_train.shape[0]), "data_sha256": self.data_sha256,
+                "train_config": self.config.to_json(),
+            }, tmp / "trainer_state.json")
+            if final.exists():
+                _remove_dir(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # no leftovers after a full disk
+            raise
         io.save_json({"checkpoint": final.name, "step": self.step}, self.run_dir / "latest.json")
         self._prune()
         return final
@@ -354,15 +485,33 @@ class Trainer:
         keep = self.config.keep_checkpoints
         ckpts = sorted(self.run_dir.glob("checkpoint-*"))
         for old in ckpts[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in self.run_dir.glob(".tmp-checkpoint-*"):
+            _remove_dir(old)
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Remove temporary checkpoint folders of failed writes (ours: we hold the lock)."""
+        for stale in [*self.run_dir.glob(".tmp-checkpoint-*"), *self.run_dir.glob(".trash-*")]:
             shutil.rmtree(stale, ignore_errors=True)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Restore everything a checkpoint holds; training continues exactly from it."""
+        """Restore everything a checkpoint holds; training continues exactly from it.
+
+        Raises:
+            ValueError: the checkpoint was trained with other settings or other data, or its
+                trainer state, optimizer moments or EMA weights do not fit this run (the
+                message names the file).
+        """
         path = Path(path)
-        state = io.load_json(path / "trainer_state.json")
-        saved = TrainConfig.from_json(state["train_config"])
+        state_file = path / "trainer_state.json"
+        state = io.load_json(state_file)
+        where = f"resume: {state_file}"
+        if not isinstance(state, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(state).__name__}")
+        missing = sorted({"train_config", "step", "epoch", "batch_in_epoch", "epoch_rng_state",
+                          "data_rng_state", "noise_rng_state", "optimizer", "ema"} - set(state))
+        if missing:
+            raise ValueError(f"{where}: missing entries {missing}")
+        saved = TrainConfig.from_json(state["train_config"], f"{where} (train_config)")
         mine = self.config.to_json()
         differ = [k for k, v in saved.to_json().items()
                   if mine[k] != v and k not in ("epochs", "max_steps", "checkpoint_every",
@@ -370,45 +519,219 @@ class Trainer:
         if differ:
             raise ValueError(f"resume: the checkpoint {path} was trained with different settings "
                              f"for {differ}; start a new run directory instead")
+        self._check_position(state, where)
+        for key in ("optimizer", "ema"):
+            if not isinstance(state[key], dict):
+                raise ValueError(f"{where}: expected {key} to be a JSON object, got "
+                                 f"{state[key]!r}")
         self.model.load_state_dict(io.load_safetensors(path / "unet" / io.WEIGHTS_NAME))
-        ema_arrays = io.load_safetensors(path / "unet_ema" / io.WEIGHTS_NAME)
-        self.ema.load_state_dict(ema_arrays, state["ema"])
-        self.optimizer.load_state_dict(io.load_safetensors(path / "optimizer.safetensors"),
-                                       state["optimizer"])
-        self.step, self.epoch = int(state["step"]), int(state["epoch"])
-        self.batch_in_epoch = int(state["batch_in_epoch"])
+        ema_file = path / "unet_ema" / io.WEIGHTS_NAME
+        try:
+            self.ema.load_state_dict(io.load_safetensors(ema_file), state["ema"])
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"resume: {ema_file}: {_message(err)}") from err
+        opt_file = path / "optimizer.safetensors"
+        try:
+            self.optimizer.load_state_dict(io.load_safetensors(opt_file), state["optimizer"])
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"resume: {opt_file}: {_message(err)}") from err
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.batch_in_epoch = state["batch_in_epoch"]
         self.epoch_rng_state = state["epoch_rng_state"]
-        self.data_rng.set_state(state["data_rng_state"])
-        self.noise_rng.set_state(state["noise_rng_state"])
-        self._truncate_metrics()
+        for key, rng in (("epoch_rng_state", None), ("data_rng_state", self.data_rng),
+                         ("noise_rng_state", self.noise_rng)):
+            probe = rng or backend.Generator(0, backend.namespace_for("numpy"))
+            try:
+                probe.set_state(state[key])
+            except (TypeError, ValueError, KeyError) as err:
+                raise ValueError(f"{where}: {key} is not a generator state "
+                                 f"({_message(err)})") from err
+
+    def _check_position(self, state: dict, where: str) -> None:
+        """The step, epoch and batch of a trainer state must be consistent with this data."""
+        n, spe = int(self.y_train.shape[0]), self.steps_per_epoch
+        source = self.config.data if self.config.data is not None else "the embedded digits"
+        if "n_train" in state and state["n_train"] != n:
+            raise ValueError(
+                f"{where}: the checkpoint was trained on {state['n_train']} digits, but "
+                f"{source} now gives {n}; the data changed: start a new run directory")
+        if "data_sha256" in state and state["data_sha256"] != self.data_sha256:
+            raise ValueError(f"{where}: the training data under {source} changed since the "
+                             f"checkpoint; start a new run directory")
+        step = _validation.check_int(where, "step", state["step"], min=0)
+        epoch = _validation.check_int(where, "epoch", state["epoch"], min=0)
+        batch = _validation.check_int(where, "batch_in_epoch", state["batch_in_epoch"], min=0)
+        if batch >= spe:
+            raise ValueError(
+                f"{where}: batch_in_epoch {batch} is beyond the epoch of {spe} batches ({n} "
+                f"digits in batches of {self.config.batch_size}); the checkpoint does not "
+                f"belong to this data")
+        if step != epoch * spe + batch:
+            raise ValueError(
+                f"{where}: step {step} does not match epoch {epoch} and batch_in_epoch {batch} "
+                f"at {spe} batches per epoch (expected step {epoch * spe + batch})")
 
     def _truncate_metrics(self) -> None:
-        """Drop metric lines logged after the checkpoint we resume from."""
+        """Drop metric lines logged after the current step (those of a run that went on past
+        the checkpoint we resume from).  A torn last line (a write cut short, e.g. by a full
+        disk) is dropped with a warning; a broken line before it is an error."""
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
-        lines = [ln for ln in path.read_text().splitlines()
-                 if ln.strip() and json.loads(ln)["step"] <= self.step]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text ({err})") from err
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        keep = []
+        for i, ln in enumerate(lines):
+            try:
+                record = json.loads(ln)
+                step = record["step"]
+                if isinstance(step, bool) or not isinstance(step, int):
+                    raise TypeError
+            except (ValueError, TypeError, KeyError) as err:
+                if i == len(lines) - 1:
+                    warnings.warn(f"{path}: dropping a torn last line ({ln[:40]!r}...); the "
+                                  f"{len(keep)} complete lines are kept", RuntimeWarning,
+                                  stacklevel=3)
+                    break
+                raise ValueError(f"{path}:{i + 1}: expected a JSON object with an integer "
+                                 f"'step', got {ln[:60]!r}") from err
+            if step <= self.step:
+                keep.append(ln)
+        if keep == lines and text.endswith("\n"):
+            return
         io.atomic_write(path, lambda tmp: Path(tmp).write_text(
-            "".join(ln + "\n" for ln in lines)))
+            "".join(ln + "\n" for ln in keep)))
 
     def resume(self) -> bool:
-        """Load the latest checkpoint of the run directory if there is one."""
-        last = self.latest_checkpoint()
-        if last is None:
-            return False
-        self.load_checkpoint(last)
+        """Load the latest checkpoint of the run directory if there is one.
+
+        Takes the run directory's lock first (kept until ``train`` ends or ``unlock``).
+        """
+        locked_here = self.lock()
+        try:
+            last = self.latest_checkpoint()
+            if last is None:
+                return False
+            self.load_checkpoint(last)
+        except BaseException:
+            if locked_here:
+                self.unlock()
+            raise
         return True
 
 
+_DIVERGED_ADVICE = ("to train with a lower learning rate, start a new run (a new --out) with "
+                    "a lower --lr, or a smaller grad_clip in a --config file (--resume keeps "
+                    "the run's settings)")
+
+_CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
+
+
+def _message(err: BaseException) -> str:
+    """An exception's message (KeyError's without the quotes ``str`` adds)."""
+    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+
+
+def _remove_dir(path: Path) -> None:
+    """Delete a checkpoint folder: renamed away first (atomically), so no reader ever finds
+    a half-deleted checkpoint under its name."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    try:
+        os.replace(path, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+class RunLocked(RuntimeError):
+    """Another live process is training in the same run directory."""
+
+
+class RunLock:
+    """Exclusive lock of a run directory: the file ``train.lock`` holding the owner's PID.
+
+    The lock is an ``fcntl.flock`` on that file, which the system drops when its owner
+    exits however it exits (``kill -9`` included): a lock file left behind by a dead process
+    is stale and is simply taken over.  A second trainer finds the lock held and raises
+    :class:`RunLocked` naming the PID written in the file.
+    """
+
+    NAME = "train.lock"
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / self.NAME
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def owner(self) -> str:
+        """The PID written in the lock file ('unknown' if unreadable)."""
+        try:
+            return self.path.read_text().split()[0]
+        except (OSError, IndexError, UnicodeDecodeError):
+            return "unknown"
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(100):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise RunLocked(
+                    f"{self.path.parent} is in use: process {self.owner()} is training there "
+                    f"(lock file {self.path}); wait for it to finish, or choose another --out"
+                ) from None
+            # a releasing owner may have removed the file between our open and flock
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                self._fd = fd
+                return
+            os.close(fd)
+        raise RunLocked(f"{self.path}: could not take the lock file")
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint of a run directory, or None."""
+    """The newest complete checkpoint of a run directory, or None.
+
+    ``latest.json`` names it; when that file is unreadable or malformed, the newest
+    complete ``checkpoint-*`` folder is taken, with a warning.
+    """
     run_dir = Path(run_dir)
     pointer = run_dir / "latest.json"
     if pointer.exists():
-        name = io.load_json(pointer)["checkpoint"]
-        if (run_dir / name / "trainer_state.json").exists():
-            return run_dir / name
+        try:
+            record = io.load_json(pointer)
+            name = record.get("checkpoint") if isinstance(record, dict) else None
+            if not isinstance(name, str) or not _CHECKPOINT_NAME.fullmatch(name):
+                raise ValueError(f"{pointer}: expected {{\"checkpoint\": \"checkpoint-<step>\", "
+                                 f"...}}, got {record!r:.80}")
+        except (OSError, ValueError) as err:
+            warnings.warn(f"ignoring {pointer} ({err}); using the newest complete checkpoint",
+                          RuntimeWarning, stacklevel=2)
+        else:
+            if (run_dir / name / "trainer_state.json").exists():
+                return run_dir / name
     ckpts = [p for p in sorted(run_dir.glob("checkpoint-*"))
              if (p / "trainer_state.json").exists()]
     return ckpts[-1] if ckpts else None
@@ -416,17 +739,49 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 def load_for_sampling(path: str | os.PathLike, backend_name: str = "numpy",
                       use_ema: bool = True) -> tuple[UNet2DModel, TrainConfig]:
-    """Model (EMA weights by default) and TrainConfig from a run directory or a checkpoint."""
+    """Model (EMA weights by default) and TrainConfig from a run directory or a checkpoint.
+
+    From a run directory, the latest checkpoint is read; if a trainer still running there
+    prunes it while it is being read, the newer one is read instead.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``path``.
+        ValueError: unreadable files (named), or weights holding NaN or inf.
+    """
     path = Path(path)
-    if not (path / "trainer_state.json").exists():
+    if (path / "trainer_state.json").exists():
+        return _load_checkpoint_for_sampling(path, backend_name, use_ema)
+    tried: list[str] = []
+    for _ in range(10):
         ckpt = latest_checkpoint(path)
         if ckpt is None:
-            raise FileNotFoundError(
-                f"expected a run directory with checkpoints or a checkpoint directory, "
-                f"found neither at {path}")
-        path = ckpt
-    state = io.load_json(path / "trainer_state.json")
-    cfg = TrainConfig.from_json(state["train_config"])
-    model = UNet2DModel.from_pretrained(path / ("unet_ema" if use_ema else "unet"),
-                                        dtype=cfg.dtype, xp=backend.namespace_for(backend_name))
+            break
+        try:
+            return _load_checkpoint_for_sampling(ckpt, backend_name, use_ema)
+        except (OSError, ValueError, KeyError):
+            if ckpt.exists() and latest_checkpoint(path) == ckpt:
+                raise  # a real problem of this checkpoint, not a prune race
+            tried.append(ckpt.name)  # pruned while we read it: take the newer one
+    if tried:
+        raise FileNotFoundError(f"{path}: checkpoints {tried} were removed while being read; "
+                                f"is a trainer pruning them faster than they can be read?")
+    raise FileNotFoundError(
+        f"expected a run directory with checkpoints or a checkpoint directory, "
+        f"found neither at {path}")
+
+
+def _load_checkpoint_for_sampling(path: Path, backend_name: str,
+                                  use_ema: bool) -> tuple[UNet2DModel, TrainConfig]:
+    state_file = path / "trainer_state.json"
+    state = io.load_json(state_file)
+    if not isinstance(state, dict) or "train_config" not in state:
+        raise ValueError(f"{state_file}: expected a JSON object with a 'train_config' entry")
+    cfg = TrainConfig.from_json(state["train_config"], f"{state_file} (train_config)")
+    where = path / ("unet_ema" if use_ema else "unet")
+    xp = backend.namespace_for(backend_name)
+    model = UNet2DModel.from_pretrained(where, dtype=cfg.dtype, xp=xp)
+    bad = [k for k, p in model.named_parameters() if not bool(xp.all(xp.isfinite(p.data)))]
+    if bad:
+        raise ValueError(f"{where}: the weights hold NaN or inf ({len(bad)} tensors, first "
+                         f"{bad[0]}); the run diverged: sample an earlier checkpoint")
     return model, cfg
