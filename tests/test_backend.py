@@ -257,6 +257,42 @@ def test_exp_inplace(xp):
         np.testing.assert_array_equal(backend.to_numpy(x), vals)    # input left alone
 
 
+def test_reciprocal_inplace(xp):
+    vals = np.linspace(0.5, 7.0, 24, dtype=np.float32).reshape(2, 3, 4)
+    x = backend.asarray(vals, xp)
+    want = backend.to_numpy(1.0 / backend.asarray(vals, xp))
+    got = backend.reciprocal_inplace(x)
+    assert backend.get_namespace(got) is backend.get_namespace(x)
+    np.testing.assert_array_equal(backend.to_numpy(got), want)
+    if backend.library_name(xp) in ("numpy", "cupy"):
+        assert got is x
+    else:
+        np.testing.assert_array_equal(backend.to_numpy(x), vals)
+
+
+def test_matmul_into_writes_only_its_rows(xp):
+    """NumPy/CuPy write the product into the rows (out=); other namespaces assign it."""
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal((3, 4)), rng.standard_normal((4, 2))
+    out = xp.zeros((7, 2), dtype=xp.float64)
+    backend.matmul_into(out, slice(2, 5), backend.asarray(a, xp), backend.asarray(b, xp))
+    got = backend.to_numpy(out)
+    np.testing.assert_allclose(got[2:5], a @ b, rtol=1e-14)
+    assert (got[:2] == 0).all() and (got[5:] == 0).all()
+
+
+@pytest.mark.parametrize(("per_sample", "batch", "tile", "want"),
+                         [(100, 64, 1000, 10), (100, 64, 10**9, 64), (10**9, 64, 1000, 1),
+                          (100, 3, 1000, 3)])
+def test_tile_samples(xp, monkeypatch, per_sample, batch, tile, want):
+    monkeypatch.setattr(backend, "TILE_BYTES", tile)
+    assert backend.tile_samples(per_sample, batch, xp) == want
+
+
+def test_l2_cache_size_is_positive():
+    assert backend._l2_cache_bytes() >= 64 * 1024
+
+
 # ---------------------------------------------------------------------------
 # the import rule
 # ---------------------------------------------------------------------------

@@ -80,6 +80,13 @@ def _img(B, C, H, W):
     return lambda rng: ([rng.standard_normal((B, C, H, W))], {})
 
 
+class TorchGroupNormSiLU(torch.nn.GroupNorm):
+    """silu(group_norm(x)) with GroupNorm's parameter names."""
+
+    def forward(self, x):
+        return F.silu(super().forward(x))
+
+
 class ChannelsLast(Module):
     """Runs a ``layout="NHWC"`` layer on (B, C, H, W) arrays, permuting its first input,
     its output and their gradients, so the (B, C, H, W) oracles apply unchanged.  It
@@ -234,6 +241,16 @@ CASES = [
     Case("GroupNorm-4d-NHWC",
          lambda xp, dt: ChannelsLast(GroupNorm(2, 6, eps=1e-5, layout="NHWC", dtype=dt, xp=xp)),
          _img(2, 6, 3, 4), lambda m: torch.nn.GroupNorm(2, 6, eps=1e-5)),
+    Case("GroupNorm-SiLU-4d",
+         lambda xp, dt: GroupNorm(2, 6, eps=1e-5, activation="silu", dtype=dt, xp=xp),
+         _img(2, 6, 3, 4), lambda m: TorchGroupNormSiLU(2, 6, eps=1e-5)),
+    Case("GroupNorm-SiLU-noaffine",
+         lambda xp, dt: GroupNorm(2, 4, affine=False, activation="silu", dtype=dt, xp=xp),
+         _img(2, 4, 3, 3), lambda m: TorchGroupNormSiLU(2, 4, affine=False)),
+    Case("GroupNorm-SiLU-4d-NHWC",
+         lambda xp, dt: ChannelsLast(GroupNorm(2, 6, eps=1e-5, activation="silu",
+                                               layout="NHWC", dtype=dt, xp=xp)),
+         _img(2, 6, 3, 4), lambda m: TorchGroupNormSiLU(2, 6, eps=1e-5)),
     Case("GroupNorm-4d-g3-NHWC",
          lambda xp, dt: ChannelsLast(GroupNorm(3, 6, eps=1e-6, layout="NHWC", dtype=dt, xp=xp)),
          _img(3, 6, 2, 5), lambda m: torch.nn.GroupNorm(3, 6, eps=1e-6)),
@@ -452,6 +469,38 @@ def test_float32_dtype_and_device(xp, device_f32, case):
         assert backend.dtype_name(p.grad.dtype) == "float32", f"{name}: {p.grad.dtype}"
         assert backend.device(p.grad) == backend.device(p.data), name
         assert backend.get_namespace(p.grad) is backend.get_namespace(p.data)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_inputs_left_alone_and_strided_inputs_agree(xp, case):
+    """Forward and backward leave their inputs and the output gradient unmodified (several
+    ops update fresh temporaries in place), and a non-contiguous view of the same values
+    gives the same output and gradients as a contiguous array."""
+    m, ins, kw, host, hkw, rng = _setup(case, xp, "float64")
+    before = [None if a is None else backend.to_numpy(a).copy() for a in ins]
+    y = m(*ins, **kw)
+    gy_host = rng.standard_normal(tuple(y.shape))
+    gy = backend.asarray(gy_host, xp)
+    grads = _grads(m.backward(gy))
+    for i, (a, b) in enumerate(zip(ins, before, strict=True)):
+        if a is not None:
+            np.testing.assert_array_equal(backend.to_numpy(a), b, err_msg=f"input {i} changed")
+    np.testing.assert_array_equal(backend.to_numpy(gy), gy_host, err_msg="grad_output changed")
+    if not _is_float_host(host[0]) or host[0].ndim < 2:
+        return
+    # the same values as a view with a reversed-then-reversed-back last axis: strided
+    m2, *_ = _setup(case, xp, "float64")
+    x0 = host[0]
+    wide = backend.asarray(np.concatenate([x0, x0], axis=-1), xp)
+    view = wide[..., : x0.shape[-1]]
+    y2 = m2(view, *ins[1:], **kw)
+    grads2 = _grads(m2.backward(backend.asarray(gy_host, xp)))
+    # summation order may differ with the strides: agree to float64 rounding
+    np.testing.assert_allclose(backend.to_numpy(y2), backend.to_numpy(y), rtol=1e-13, atol=1e-13)
+    for g, g2 in zip(grads, grads2, strict=True):
+        if g is not None:
+            np.testing.assert_allclose(backend.to_numpy(g2), backend.to_numpy(g), rtol=1e-13,
+                                       atol=1e-13)
 
 
 def test_float32_params_stay_float32(xp):

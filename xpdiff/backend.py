@@ -27,6 +27,7 @@ __all__ = [
     "default_namespace",
     "device",
     "exp_inplace",
+    "reciprocal_inplace",
     "get_backend",
     "get_namespace",
     "is_numpy_namespace",
@@ -354,6 +355,20 @@ def exp_inplace(x: Any) -> Any:
 
         return cupy.exp(x, out=x)
     return get_namespace(x).exp(x)
+
+
+def reciprocal_inplace(x: Any) -> Any:
+    """``1 / x``, written over ``x`` itself where the library allows it (as ``exp_inplace``).
+
+    Only for a temporary the caller has just made and owns; use the return value.
+    """
+    if array_api_compat.is_numpy_array(x):
+        return np.reciprocal(x, out=x)
+    if array_api_compat.is_cupy_array(x):
+        import cupy
+
+        return cupy.reciprocal(x, out=x)
+    return 1.0 / x
 
 
 # ---------------------------------------------------------------------------

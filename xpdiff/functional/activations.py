@@ -10,9 +10,10 @@ __all__ = ["relu_backward", "relu_forward", "sigmoid", "silu_backward", "silu_fo
 
 
 def sigmoid(x: Any) -> Any:
+    """``1 / (1 + exp(-x))`` as a new array; ``x`` is left alone."""
     e = backend.exp_inplace(-x)
     e += 1.0
-    return 1.0 / e
+    return backend.reciprocal_inplace(e)
 
 
 def silu_forward(x: Any) -> tuple[Any, tuple]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import backend
+from .activations import sigmoid
 
 __all__ = ["GroupNormCache", "group_norm_backward", "group_norm_forward"]
 
@@ -21,6 +22,8 @@ class GroupNormCache:
     shape: tuple        # the input's shape
     layout: str
     num_groups: int
+    s: Any | None = None    # sigmoid of the normalised output when SiLU is fused, else None
+    out: Any | None = None  # the returned output when SiLU is fused (shared, not a copy)
 
 
 def _view(shape: tuple, num_groups: int, layout: str) -> tuple[int, ...]:
@@ -55,7 +58,8 @@ def _channel_shape(shape: tuple, layout: str) -> tuple[int, ...]:
 
 
 def group_norm_forward(
-    x: Any, num_groups: int, w: Any | None, b: Any | None, eps: float, layout: str = "NCHW"
+    x: Any, num_groups: int, w: Any | None, b: Any | None, eps: float, layout: str = "NCHW",
+    activation: str | None = None,
 ) -> tuple[Any, GroupNormCache]:
     """Normalise each of ``num_groups`` channel groups per sample, then scale and shift.
 
@@ -63,10 +67,17 @@ def group_norm_forward(
         x: (B, C, *spatial) for ``layout="NCHW"``, or (B, *spatial, C) for ``"NHWC"``,
             with C divisible by ``num_groups``.
         w, b: (C,) or None.  eps: added to the variance (biased, over the group).
+        activation: None, or ``"silu"`` to return ``silu(group_norm(x))`` in one pass over
+            fresh arrays (Elfwing et al., 2018: ``y * sigmoid(y)``).
     Returns:
         ``(y, cache)``, y like x; the cache keeps the normalised input, the per-group
-        inverse standard deviation and ``w``.
+        inverse standard deviation and ``w``; with SiLU also ``sigmoid(y)`` and the
+        returned array itself, which callers must not modify in place.
+    Raises:
+        ValueError: an activation other than None or ``"silu"``.
     """
+    if activation not in (None, "silu"):
+        raise ValueError(f"group_norm: activation must be None or 'silu', got {activation!r}")
     xp = backend.get_namespace(x)
     shape = tuple(x.shape)
     xr = xp.reshape(x, _view(shape, num_groups, layout))
@@ -79,11 +90,20 @@ def group_norm_forward(
         cshape = _channel_shape(shape, layout)
         y = y * xp.reshape(w, cshape)
         y += xp.reshape(b, cshape)
-    return y, GroupNormCache(xhat, inv, w, shape, layout, num_groups)
+    cache = GroupNormCache(xhat, inv, w, shape, layout, num_groups)
+    if activation == "silu":
+        if w is None:
+            y = y * 1.0         # y is a view of the cached xhat: work on a copy
+        cache.s = sigmoid(y)
+        y *= cache.s            # silu, in place on the fresh y
+        cache.out = y
+    return y, cache
 
 
 def group_norm_backward(cache: GroupNormCache, gy: Any) -> tuple[Any, Any | None, Any | None]:
     """Gradients ``(gx, gw, gb)``; gx like the input, gw and gb (C,) or None.
+
+    ``gy`` is the gradient of the returned output, after the SiLU when it was fused.
 
     With ``xhat`` the normalised group and ``n`` its size,
     ``gx = inv * (gxhat - mean(gxhat) - xhat * mean(gxhat * xhat))`` per group.
@@ -91,6 +111,13 @@ def group_norm_backward(cache: GroupNormCache, gy: Any) -> tuple[Any, Any | None
     xhat, inv, w, shape, layout = cache.xhat, cache.inv, cache.w, cache.shape, cache.layout
     G = cache.num_groups
     xp = backend.get_namespace(gy)
+    if cache.s is not None:
+        # silu'(y) = s (1 + y (1 - s)) = s + out (1 - s), from the kept output
+        d = 1.0 - cache.s
+        d *= cache.out
+        d += cache.s
+        d *= gy
+        gy = d
     gshape = tuple(xhat.shape)
     gw = gb = None
     if w is not None:

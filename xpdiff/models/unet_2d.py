@@ -16,7 +16,7 @@ from .. import backend, io
 from ..functional.conv import to_channels_first, to_channels_last
 from ..nn._checks import check_input
 from ..nn.blocks import TimestepEmbedding, Timesteps
-from ..nn.layers import Conv2d, Embedding, GroupNorm, SiLU
+from ..nn.layers import Conv2d, Embedding, GroupNorm
 from ..nn.module import Module, ModuleList
 from .unet_2d_blocks import UNetMidBlock2D, get_down_block, get_up_block
 
@@ -155,8 +155,9 @@ class UNet2DModel(Module):
                 add_upsample=i < len(ch) - 1, **kw))
 
         # 5. output
-        self.conv_norm_out = GroupNorm(norm_num_groups, ch[0], eps=norm_eps, **kw)
-        self.conv_act = SiLU()
+        # conv_norm_out carries the SiLU (diffusers' separate conv_act has no parameters)
+        self.conv_norm_out = GroupNorm(norm_num_groups, ch[0], eps=norm_eps, activation="silu",
+                                       **kw)
         self.conv_out = Conv2d(ch[0], out_channels, 3, padding=1, **kw)
 
     # ------------------------------------------------------------------
@@ -248,7 +249,7 @@ class UNet2DModel(Module):
             h = block(h, skips, emb, size)
 
         # 6. post-process, back to (B, C, H, W)
-        return to_channels_first(self.conv_out(self.conv_act(self.conv_norm_out(h))))
+        return to_channels_first(self.conv_out(self.conv_norm_out(h)))
 
     def backward(self, grad_output: Any) -> Any:
         """Backpropagate ``grad_output`` (B, out_channels, H, W) through the whole UNet.
@@ -256,7 +257,7 @@ class UNet2DModel(Module):
         Adds into every parameter's ``grad`` and returns the gradient of ``sample``.
         """
         g = to_channels_last(grad_output)
-        g = self.conv_norm_out.backward(self.conv_act.backward(self.conv_out.backward(g)))
+        g = self.conv_norm_out.backward(self.conv_out.backward(g))
         gemb = None
 
         # 5. up path, last block first; collect the skip-state gradients

@@ -244,24 +244,25 @@ class ResnetBlock2D(Module):
         self.layout = layout
         kw = {"dtype": dtype, "xp": xp}
         lkw = {"layout": layout, **kw}
-        self.norm1 = GroupNorm(groups, in_channels, eps=eps, **lkw)
+        # each norm is fused with the SiLU after it (GroupNorm(activation="silu"))
+        self.norm1 = GroupNorm(groups, in_channels, eps=eps, activation="silu", **lkw)
         self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1, **lkw)
         self.time_emb_proj = Linear(temb_channels, out_channels, **kw) if temb_channels else None
-        self.norm2 = GroupNorm(groups_out, out_channels, eps=eps, **lkw)
+        self.norm2 = GroupNorm(groups_out, out_channels, eps=eps, activation="silu", **lkw)
         self.dropout = Dropout(dropout)
         self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1, **lkw)
-        self._act1, self._act_t, self._act2 = SiLU(), SiLU(), SiLU()
+        self._act_t = SiLU()
         self.conv_shortcut = (Conv2d(in_channels, out_channels, 1, **lkw)
                               if in_channels != out_channels else None)
 
     def forward(self, x: Any, temb: Any | None) -> Any:
-        h = self.conv1(self._act1(self.norm1(x)))
+        h = self.conv1(self.norm1(x))
         if self.time_emb_proj is not None:
             if temb is None:
                 raise ValueError("ResnetBlock2D: this block has time_emb_proj; temb is required")
             t = self.time_emb_proj(self._act_t(temb))
             h += t[:, None, None, :] if self.layout == "NHWC" else t[:, :, None, None]
-        h = self.conv2(self.dropout(self._act2(self.norm2(h))))
+        h = self.conv2(self.dropout(self.norm2(h)))
         h += self.conv_shortcut(x) if self.conv_shortcut is not None else x
         f = self.output_scale_factor
         return h if f == 1.0 else h / f  # x / 1.0 == x: skip the pass
@@ -271,11 +272,11 @@ class ResnetBlock2D(Module):
         f = self.output_scale_factor
         g = grad_output if f == 1.0 else grad_output / f
         gsc = self.conv_shortcut.backward(g) if self.conv_shortcut is not None else g
-        gh = self.norm2.backward(self._act2.backward(self.dropout.backward(self.conv2.backward(g))))
+        gh = self.norm2.backward(self.dropout.backward(self.conv2.backward(g)))
         gtemb = None
         if self.time_emb_proj is not None:
             gt = xp.sum(gh, axis=(1, 2) if self.layout == "NHWC" else (2, 3))
             gtemb = self._act_t.backward(self.time_emb_proj.backward(gt))
-        gx = self.norm1.backward(self._act1.backward(self.conv1.backward(gh)))
+        gx = self.norm1.backward(self.conv1.backward(gh))
         gx += gsc               # gx is a fresh array
         return gx, gtemb

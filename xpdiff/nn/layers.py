@@ -135,16 +135,22 @@ class Conv2d(Module):
 class GroupNorm(Module):
     """Group normalisation of (B, C, *spatial) with per-channel affine weight and bias.
 
-    With ``layout="NHWC"`` the channels are the last axis: (B, *spatial, C).
+    With ``layout="NHWC"`` the channels are the last axis: (B, *spatial, C).  With
+    ``activation="silu"`` the layer returns ``silu(group_norm(x))``, computed in one pass
+    (the pair every diffusers resnet block and the UNet's output run back to back).
     """
 
     def __init__(
         self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, *,
-        layout: str = "NCHW", dtype: str = "float32", xp: Any = None,
+        activation: str | None = None, layout: str = "NCHW", dtype: str = "float32",
+        xp: Any = None,
     ):
         super().__init__()
         _check_layout("GroupNorm", layout)
-        self.layout = layout
+        if activation not in (None, "silu"):
+            raise ValueError(
+                f"GroupNorm: activation must be None or 'silu', got {activation!r}")
+        self.layout, self.activation = layout, activation
         if num_groups <= 0 or num_channels % num_groups:
             raise ValueError(
                 f"GroupNorm: num_groups must divide num_channels, got num_groups={num_groups} "
@@ -165,6 +171,7 @@ class GroupNorm(Module):
             x, self.num_groups,
             self.weight.data if self.weight else None,
             self.bias.data if self.bias else None, self.eps, layout=self.layout,
+            activation=self.activation,
         )
         self._save(cache)
         return y
