@@ -1,12 +1,21 @@
-"""Command line: ``xpdiff train | sample | evaluate | noise-figure``."""
+"""Command line: ``xpdiff train | sample | evaluate | noise-figure``.
+
+A user error (a bad flag value, a missing or corrupt file, a busy run directory) prints one
+line ``error: ...`` on stderr and exits with status 2; ``--debug`` (or ``XPDIFF_DEBUG=1``)
+shows the traceback instead.  A diverged training run exits with status 1.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
+
+from . import __version__
+from ._validation import check_float, check_int
 
 __all__ = ["main"]
 
@@ -15,7 +24,10 @@ def _train(args: argparse.Namespace) -> int:
     from . import io
     from .training import TrainConfig, Trainer, TrainingDiverged
 
-    cfg = TrainConfig.from_json(io.load_json(args.config)) if args.config else TrainConfig()
+    if args.config:
+        cfg = TrainConfig.from_json(io.load_json(args.config), f"config file {args.config}")
+    else:
+        cfg = TrainConfig()
     overrides = {
         "data": args.data, "size": args.size, "epochs": args.epochs, "max_steps": args.steps,
         "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
@@ -25,22 +37,26 @@ def _train(args: argparse.Namespace) -> int:
     for key, value in overrides.items():
         if value is not None:
             setattr(cfg, key, value)
+    cfg.validate("xpdiff train")
     run = Path(args.out)
     trainer = Trainer(cfg, run, progress=not args.no_progress)
-    if args.resume and trainer.resume():
-        print(f"resumed from step {trainer.step} of {trainer.total_steps}")
-    elif not args.resume and any(run.glob("checkpoint-*")):
-        print(f"error: {run} already holds checkpoints; pass --resume to continue, or choose "
-              f"another --out", file=sys.stderr)
-        return 2
-    print(f"training a {trainer.model.num_parameters():,}-parameter UNet on "
-          f"{trainer.y_train.shape[0]} digits at {cfg.size}x{cfg.size} for {trainer.total_steps} "
-          f"steps ({cfg.backend}, {cfg.dtype}); run directory {run}")
+    trainer.lock()  # a second trainer on the same --out stops here, naming the first
     try:
+        if args.resume and trainer.resume():
+            print(f"resumed from step {trainer.step} of {trainer.total_steps}")
+        elif not args.resume and any(run.glob("checkpoint-*")):
+            print(f"error: {run} already holds checkpoints; pass --resume to continue, or "
+                  f"choose another --out", file=sys.stderr)
+            return 2
+        print(f"training a {trainer.model.num_parameters():,}-parameter UNet on "
+              f"{trainer.y_train.shape[0]} digits at {cfg.size}x{cfg.size} for "
+              f"{trainer.total_steps} steps ({cfg.backend}, {cfg.dtype}); run directory {run}")
         summary = trainer.train()
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    finally:
+        trainer.unlock()
     print(f"done: {summary['steps']} steps in {summary['seconds']:.0f} s, "
           f"last loss {summary['final_loss']:.4f}")
     if not args.no_samples:
@@ -103,7 +119,9 @@ def _evaluate(args: argparse.Namespace) -> int:
           f"seed {args.seed} ({took:.1f} s)")
     print(report.format())
     if args.json:
-        Path(args.json).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        from . import io
+
+        io.save_json(report.to_json(), args.json)
     return 0
 
 
@@ -114,7 +132,11 @@ def _noise_figure(args: argparse.Namespace) -> int:
 
     hx = backend.namespace_for("numpy")
     prep = data.prepare(args.data, args.size, 0.1, seed=0)
-    idx = [i for i in range(prep.y_train.shape[0]) if int(prep.y_train[i]) == args.digit][0]
+    found = [i for i in range(prep.y_train.shape[0]) if int(prep.y_train[i]) == args.digit]
+    if not found:
+        raise ValueError(f"xpdiff noise-figure: no image of digit {args.digit} in the data "
+                         f"{args.data or '(embedded MNIST 5k)'}")
+    idx = found[0]
     x0 = prep.x_train[idx : idx + 1]
     sched = DDPMScheduler(beta_schedule=args.beta_schedule)
     ts = [0, 50, 100, 200, 300, 400, 500, 600, 800, 999]
@@ -126,65 +148,160 @@ def _noise_figure(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xpdiff", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` after every flag that has a default (not None, not a switch)."""
 
-    t = sub.add_parser("train", help="train a class-conditional UNet on digits")
-    t.add_argument("--config", help="TrainConfig JSON file (flags override it)")
-    t.add_argument("--out", default="runs/mnist14", help="run directory (default runs/mnist14)")
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (
+                action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _from_config(field: str) -> str:
+    from .training import TrainConfig
+
+    return f"(default: the --config file's, else {getattr(TrainConfig, field)})"
+
+
+#: Range of each numeric flag: dest -> (kind, min, max).  Checked once after parsing.
+_RANGES = {
+    "epochs": ("int", 1, None), "steps": ("int", 1, None), "batch_size": ("int", 1, None),
+    "lr": ("float>0", None, None), "seed": ("int", 0, None),
+    "checkpoint_every": ("int", 1, None), "guidance": ("float", 0.0, None),
+    "sample_steps": ("int", 1, None), "per_digit": ("int", 1, None),
+    "digit": ("int", 0, 9),
+}
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Range checks of the numeric flags; errors name the flag (``--batch-size``)."""
+    where = f"xpdiff {args.command}"
+    for dest, (kind, lo, hi) in _RANGES.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        flag = "--" + dest.replace("_", "-")
+        if kind == "int":
+            check_int(where, flag, value, min=lo, max=hi)
+        else:
+            check_float(where, flag, value, min=0.0 if lo is None else lo,
+                        min_open=kind == "float>0")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = _HelpFormatter
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error (also: XPDIFF_DEBUG=1)")
+    p = argparse.ArgumentParser(prog="xpdiff", description=__doc__, formatter_class=fmt,
+                                parents=[common])
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    backends = ("numpy", "cupy")
+
+    t = sub.add_parser("train", help="train a class-conditional UNet on digits",
+                       formatter_class=fmt, parents=[common])
+    t.add_argument("--config", help="TrainConfig JSON file; flags override it (default: the "
+                   "TrainConfig defaults)")
+    t.add_argument("--out", default="runs/mnist14", help="run directory")
     t.add_argument("--data", help="folder of IDX files (default: the embedded 5,000 MNIST)")
-    t.add_argument("--size", type=int, choices=(14, 28))
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--steps", type=int, help="total optimisation steps (overrides --epochs)")
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--seed", type=int)
-    t.add_argument("--backend", choices=("numpy", "cupy"))
-    t.add_argument("--checkpoint-every", type=int)
-    t.add_argument("--guidance", type=float, help="guidance scale of the final sample grid")
-    t.add_argument("--sample-steps", type=int)
+    t.add_argument("--size", type=int, choices=(14, 28),
+                   help="image side " + _from_config("size"))
+    t.add_argument("--epochs", type=int, help="passes over the data " + _from_config("epochs"))
+    t.add_argument("--steps", type=int,
+                   help="total optimisation steps, >= 1; overrides --epochs (default: the "
+                        "--config file's max_steps, else from --epochs)")
+    t.add_argument("--batch-size", type=int, help="images per step " + _from_config("batch_size"))
+    t.add_argument("--lr", type=float, help="peak learning rate, > 0 " + _from_config("lr"))
+    t.add_argument("--seed", type=int, help="seed of weights, data order and noise, >= 0 "
+                   + _from_config("seed"))
+    t.add_argument("--backend", choices=backends, help="array library "
+                   + _from_config("backend"))
+    t.add_argument("--checkpoint-every", type=int, help="steps between checkpoints "
+                   + _from_config("checkpoint_every"))
+    t.add_argument("--guidance", type=float, help="guidance scale of the final sample grid, "
+                   ">= 0 " + _from_config("guidance_scale"))
+    t.add_argument("--sample-steps", type=int, help="DDIM steps of the final sample grid "
+                   + _from_config("sample_steps"))
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     t.add_argument("--no-samples", action="store_true", help="skip the final sample grid")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
 
-    s = sub.add_parser("sample", help="draw a grid of digits 0-9 (and a GIF)")
+    s = sub.add_parser("sample", help="draw a grid of digits 0-9 (and a GIF)",
+                       formatter_class=fmt, parents=[common])
     s.add_argument("checkpoint", help="run directory or checkpoint directory")
-    s.add_argument("--out", default="samples.png")
-    s.add_argument("--gif", help="also write the denoising process as a GIF")
-    s.add_argument("--scheduler", choices=("ddim", "ddpm"), default="ddim")
-    s.add_argument("--steps", type=int, default=50)
-    s.add_argument("--guidance", type=float, help="default: the run's guidance_scale")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--per-digit", type=int, default=10)
-    s.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
+    s.add_argument("--out", default="samples.png", help="PNG file to write")
+    s.add_argument("--gif", help="also write the denoising process as a GIF (default: no GIF)")
+    s.add_argument("--scheduler", choices=("ddim", "ddpm"), default="ddim",
+                   help="sampler")
+    s.add_argument("--steps", type=int, default=50, help="sampling steps")
+    s.add_argument("--guidance", type=float,
+                   help="guidance scale, >= 0 (default: the run's guidance_scale)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the noise, >= 0")
+    s.add_argument("--per-digit", type=int, default=10, help="images of each digit")
+    s.add_argument("--backend", choices=backends, default="numpy", help="array library")
     s.set_defaults(func=_sample)
 
-    e = sub.add_parser("evaluate", help="classify generated digits; accuracy and Frechet distance")
-    e.add_argument("checkpoint")
-    e.add_argument("--per-digit", type=int, default=100)
-    e.add_argument("--steps", type=int, default=50)
-    e.add_argument("--guidance", type=float, help="default: the run's guidance_scale")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
-    e.add_argument("--json", help="also write the report as JSON")
+    e = sub.add_parser("evaluate", help="classify generated digits; accuracy and Frechet distance",
+                       formatter_class=fmt, parents=[common])
+    e.add_argument("checkpoint", help="run directory or checkpoint directory")
+    e.add_argument("--per-digit", type=int, default=100, help="images of each digit")
+    e.add_argument("--steps", type=int, default=50, help="DDIM sampling steps")
+    e.add_argument("--guidance", type=float,
+                   help="guidance scale, >= 0 (default: the run's guidance_scale)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the noise, >= 0")
+    e.add_argument("--backend", choices=backends, default="numpy", help="array library")
+    e.add_argument("--json", help="also write the report to this JSON file (default: none)")
     e.set_defaults(func=_evaluate)
 
-    n = sub.add_parser("noise-figure", help="one digit at increasing noise levels (PNG)")
-    n.add_argument("--out", default="noising.png")
-    n.add_argument("--digit", type=int, default=5)
-    n.add_argument("--size", type=int, choices=(14, 28), default=28)
-    n.add_argument("--data")
-    n.add_argument("--beta-schedule", default="linear")
-    n.add_argument("--seed", type=int, default=0)
+    n = sub.add_parser("noise-figure", help="one digit at increasing noise levels (PNG)",
+                       formatter_class=fmt, parents=[common])
+    n.add_argument("--out", default="noising.png", help="PNG file to write")
+    n.add_argument("--digit", type=int, default=5, help="the digit to show, 0-9")
+    n.add_argument("--size", type=int, choices=(14, 28), default=28, help="image side")
+    n.add_argument("--data", help="folder of IDX files (default: the embedded 5,000 MNIST)")
+    n.add_argument("--beta-schedule", choices=("linear", "scaled_linear", "squaredcos_cap_v2"),
+                   default="linear", help="noise schedule")
+    n.add_argument("--seed", type=int, default=0, help="seed of the noise, >= 0")
     n.set_defaults(func=_noise_figure)
     return p
 
 
+def _show_warning(message: Warning | str, category: type, filename: str, lineno: int,
+                  file: object = None, line: str | None = None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _error_text(err: BaseException) -> str:
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return text or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Run the command line; returns the exit status (0 ok, 1 diverged, 2 user error)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or argparse's own usage error
+        return done.code if isinstance(done.code, int) else 0
+    debug = getattr(args, "debug", False) or os.environ.get("XPDIFF_DEBUG", "") not in ("", "0")
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.showwarning = _show_warning
+        try:
+            _check_flags(args)
+            return args.func(args)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            print("error: interrupted", file=sys.stderr)
+            return 130
+        except Exception as err:  # every user error: one line, no traceback
+            if debug:
+                raise
+            print(f"error: {_error_text(err)}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":
