@@ -79,6 +79,22 @@ def test_flop_counters_read_the_layout():
     assert profile.sdpa_backward_flops({}, (_z(B, N, h, d), _z(B, M, h, d))) == 2.5 * sd
 
 
+def test_recorder_exclusive_flops_and_counter_errors(monkeypatch):
+    monkeypatch.setitem(profile.FLOPS, "outer", lambda p, out: 10.0)
+    monkeypatch.setitem(profile.FLOPS, "inner", lambda p, out: 4.0)
+    monkeypatch.setitem(profile.FLOPS, "broken", lambda p, out: p["no_such_argument"])
+    rec = profile.OpRecorder()
+    inner = rec.wrap("inner", lambda a: (a, None))
+    outer = rec.wrap("outer", lambda a: inner(a))
+    glue = rec.wrap("glue", lambda a: inner(a))  # no counter: passes the inner FLOPs on
+    outer(1)
+    glue(1)
+    assert rec.flops == {"outer": 6.0, "inner": 8.0} and rec.calls["inner"] == 2
+    broken = rec.wrap("broken", lambda a: (a, None))
+    assert broken(2) == (2, None) and broken(3) == (3, None)
+    assert "no_such_argument" in rec.notes["broken"] and rec.calls["broken"] == 2
+
+
 def test_ops_table_skips_missing_rows():
     found, skipped = profile.resolve_ops(
         (("xpdiff.functional.conv", "conv2d_forward"), ("xpdiff.functional.conv", "no_such_op"),
