@@ -550,7 +550,7 @@ def test_step_errors():
         ddim.step(x, -1, x)
     with pytest.raises(ValueError, match="expected an integer timestep, got 5.0"):
         ddim.step(x, 5.0, x)
-    with pytest.raises(ValueError, match="expected eta >= 0, got -0.1"):
+    with pytest.raises(ValueError, match="expected eta to be a finite number >= 0.0, got -0.1"):
         ddim.step(x, 900, x, eta=-0.1)
     with pytest.raises(ValueError, match=r"expected model_output of shape \(2, 1, 4, 4\)"):
         ddim.step(x[:1], 900, x)

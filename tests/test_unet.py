@@ -795,7 +795,7 @@ def test_config_with_unknown_key(tmp_path):
      "block_out_channels and down_block_types must have one length, got 3 and 2"),
     ({"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"]}, "got 'CrossAttnDownBlock2D'"),
     ({"attention_head_dim": 5}, "attention_head_dim must divide the channel count"),
-    ({"norm_num_groups": 3}, "num_groups must divide num_channels"),
+    ({"norm_num_groups": 3}, r"expected norm_num_groups to divide every channel count \[8, 16\]"),
     ({"downsample_padding": 0}, "only padding=1 is supported"),
 ])
 def test_unsupported_constructor_values(change, match):

@@ -12,6 +12,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+from .. import _validation as _v
 from .. import backend, io
 from ..functional.conv import to_channels_first, to_channels_last
 from ..nn._checks import check_input
@@ -94,6 +95,13 @@ class UNet2DModel(Module):
         for key, allowed in _SUPPORTED.items():
             if args[key] not in allowed:
                 raise ValueError(f"UNet2DModel: {key} must be one of {allowed}, got {args[key]!r}")
+        self.config.update(_checked_args(args))
+        cfg = self.config
+        in_channels, out_channels = cfg["in_channels"], cfg["out_channels"]
+        time_embedding_dim, freq_shift = cfg["time_embedding_dim"], cfg["freq_shift"]
+        block_out_channels, layers_per_block = cfg["block_out_channels"], cfg["layers_per_block"]
+        mid_block_scale_factor, norm_eps = cfg["mid_block_scale_factor"], cfg["norm_eps"]
+        attention_head_dim, num_class_embeds = cfg["attention_head_dim"], cfg["num_class_embeds"]
         if dropout != 0.0:
             raise ValueError(f"UNet2DModel: only dropout=0.0 is supported, got {dropout}")
         if len(down_block_types) != len(up_block_types):
@@ -170,6 +178,10 @@ class UNet2DModel(Module):
         return backend.get_namespace(self.conv_in.weight.data)
 
     def _timesteps(self, timestep: Any, batch: int, xp: Any, dev: Any) -> Any:
+        if isinstance(timestep, bool) or not hasattr(timestep, "shape") and not isinstance(
+                timestep, (int, float, list, tuple)):
+            raise TypeError(f"UNet2DModel: expected an integer or real timestep (a number or "
+                            f"an array), got {timestep!r}")
         if isinstance(timestep, (int, float)):
             t = xp.full((batch,), timestep, device=dev,
                         dtype=xp.int64 if isinstance(timestep, int) else xp.float32)
@@ -186,9 +198,12 @@ class UNet2DModel(Module):
                 )
             elif t.shape[0] == 1:
                 t = xp.broadcast_to(t, (batch,))
+        if not (xp.isdtype(t.dtype, "integral") or xp.isdtype(t.dtype, "real floating")):
+            raise TypeError(f"UNet2DModel: expected integer or real timesteps, got dtype "
+                            f"{backend.dtype_name(t.dtype)}")
         lo, hi = float(xp.min(t)), float(xp.max(t))
         limit = self.config["num_train_timesteps"]
-        if lo < 0 or (limit is not None and hi >= limit) or hi != hi:
+        if lo < 0 or (limit is not None and hi >= limit) or not hi < float("inf"):
             upper = f", {limit})" if limit is not None else ", inf)"
             raise ValueError(
                 f"UNet2DModel: expected timesteps in [0{upper}, got values in [{lo}, {hi}]"
@@ -291,6 +306,53 @@ class UNet2DModel(Module):
             self.class_embedding.backward(gemb)
         self.time_embedding.backward(gemb)
         return gsample
+
+
+def _checked_args(args: dict) -> dict:
+    """Type and range of every numeric, boolean and list argument of ``UNet2DModel``;
+    returns them in plain Python form (ints, floats, lists)."""
+    w = "UNet2DModel"
+    out: dict = {}
+    size = args["sample_size"]
+    out["sample_size"] = (
+        _v.check_int(w, "sample_size", size, min=1, none=True)
+        if not isinstance(size, (list, tuple))
+        else _v.check_int_list(w, "sample_size", size, min=1, length=2))
+    for key in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups"):
+        out[key] = _v.check_int(w, key, args[key], min=1)
+    for key in ("time_embedding_dim", "attention_head_dim", "attn_norm_num_groups",
+                "num_class_embeds", "num_train_timesteps"):
+        out[key] = _v.check_int(w, key, args[key], min=1, none=True)
+    out["downsample_padding"] = _v.check_int(w, "downsample_padding", args["downsample_padding"],
+                                             min=0)
+    for key in ("center_input_sample", "flip_sin_to_cos", "add_attention"):
+        out[key] = _v.check_bool(w, key, args[key])
+    out["mid_block_scale_factor"] = _v.check_float(
+        w, "mid_block_scale_factor", args["mid_block_scale_factor"], min=0.0, min_open=True)
+    out["norm_eps"] = _v.check_float(w, "norm_eps", args["norm_eps"], min=0.0, min_open=True)
+    out["dropout"] = _v.check_float(w, "dropout", args["dropout"], min=0.0)
+    ch = _v.check_int_list(w, "block_out_channels", args["block_out_channels"], min=1)
+    if not ch:
+        raise _v.ArgumentError(f"{w}: expected block_out_channels to be a non-empty list, got []")
+    out["block_out_channels"] = ch
+    for key in ("down_block_types", "up_block_types"):
+        types = args[key]
+        if isinstance(types, str) or not isinstance(types, (list, tuple)) or not all(
+                isinstance(t, str) for t in types):
+            raise _v.ArgumentTypeError(
+                f"{w}: expected {key} to be a list of block type names, got {types!r}")
+        out[key] = list(types)
+    shift = _v.check_float(w, "freq_shift", args["freq_shift"])
+    if shift == ch[0] // 2:  # the frequencies divide by (block_out_channels[0] // 2 - freq_shift)
+        raise _v.ArgumentError(f"{w}: expected freq_shift to differ from "
+                               f"block_out_channels[0] // 2 = {ch[0] // 2}, got {shift}")
+    for key, chans in (("norm_num_groups", ch), ("attn_norm_num_groups", ch[-1:])):
+        groups = out[key]
+        if groups is not None and any(c % groups for c in chans):
+            raise _v.ArgumentError(
+                f"{w}: expected {key} to divide every channel count {chans}, got {groups}")
+    _v.check_choice(w, "dtype", args["dtype"], ("float32", "float64"))
+    return out
 
 
 def _config_keys() -> set[str]:

@@ -8,6 +8,7 @@ respect to the forward's array inputs and ADDS into each ``Parameter.grad``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -79,11 +80,17 @@ class Module:
     dotted names (``down_blocks.0.resnets.1.conv1.weight``) as diffusers.
     """
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "backward" in cls.__dict__:
+            cls.backward = _checking_grad_shape(cls.__dict__["backward"])
+
     def __init__(self) -> None:
         object.__setattr__(self, "_params", OrderedDict())
         object.__setattr__(self, "_modules", OrderedDict())
         object.__setattr__(self, "training", True)
         object.__setattr__(self, "_cache", None)
+        object.__setattr__(self, "_out_shape", None)
 
     # -- registration --------------------------------------------------------
     def __setattr__(self, name: str, value: Any) -> None:
@@ -101,7 +108,17 @@ class Module:
 
     # -- calling -------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.forward(*args, **kwargs)
+        """``forward``; a call from outside any module (the model a user calls) also records
+        the output shape, which its ``backward`` then checks the gradient against."""
+        depth = getattr(_state, "depth", 0)
+        _state.depth = depth + 1
+        try:
+            out = self.forward(*args, **kwargs)
+        finally:
+            _state.depth = depth
+        if depth == 0 and is_grad_enabled() and hasattr(out, "shape"):
+            object.__setattr__(self, "_out_shape", tuple(out.shape))
+        return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__}.forward")
@@ -227,6 +244,28 @@ class Module:
             sub = repr(m).replace("\n", "\n  ")
             lines.append(f"  ({name}): {sub}")
         return "\n".join(lines) + ")" if len(lines) > 1 else type(self).__name__ + "()"
+
+
+def _checking_grad_shape(backward: Any) -> Any:
+    """Wrap a ``backward`` so a gradient whose shape differs from the recorded output shape
+    of the last outermost call fails with both shapes (a shape compare: no device sync)."""
+
+    @functools.wraps(backward)
+    def checked(self: Module, *args: Any, **kwargs: Any) -> Any:
+        expected = self.__dict__.get("_out_shape")
+        object.__setattr__(self, "_out_shape", None)
+        grad_output = args[0] if args else kwargs.get("grad_output")
+        if expected is not None and grad_output is not None:
+            got = tuple(getattr(grad_output, "shape", ()))
+            if not hasattr(grad_output, "shape") or got != expected:
+                what = f"shape {got}" if hasattr(grad_output, "shape") else type(
+                    grad_output).__name__
+                raise ValueError(
+                    f"{type(self).__name__}.backward: expected grad_output of shape {expected} "
+                    f"(the shape of the forward output), got {what}")
+        return backward(self, *args, **kwargs)
+
+    return checked
 
 
 class ModuleList(Module):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import backend
+from .._validation import ArgumentTypeError, check_bool, check_float, check_int, check_int_list
 from ..models.unet_2d import UNet2DModel
 from ..nn.module import no_grad
 from ..schedulers import DDIMScheduler, DDPMScheduler
@@ -61,8 +62,22 @@ def generate(
 
     Raises:
         ValueError: labels out of the model's range, guidance without a null class,
-            neither labels nor batch size, or an unknown scheduler.
+            neither labels nor batch size, an unknown scheduler, any argument of the wrong
+            type or out of range (an ``ArgumentError`` naming it), or samples that came out
+            NaN or infinite (non-finite weights).
     """
+    where = "generate"
+    num_inference_steps = check_int(where, "num_inference_steps", num_inference_steps, min=1)
+    guidance_scale = check_float(where, "guidance_scale", guidance_scale)
+    null_class = check_int(where, "null_class", null_class, min=0, none=True)
+    eta = check_float(where, "eta", eta, min=0.0)
+    seed = check_int(where, "seed", seed, min=0, none=True)
+    batch_size = check_int(where, "batch_size", batch_size, min=1, none=True)
+    max_batch = check_int(where, "max_batch", max_batch, min=1)
+    return_trajectory = check_bool(where, "return_trajectory", return_trajectory)
+    if size is not None:
+        size = (check_int(where, "size", size, min=1) if not isinstance(size, (tuple, list))
+                else tuple(check_int_list(where, "size", size, min=1, length=2)))
     cfg = model.config
     xp, dtype = model.xp, model.dtype
     dev = backend.device(model.conv_in.weight.data)
@@ -76,7 +91,7 @@ def generate(
         labels = None
         B = batch_size
     else:
-        labels = [int(c) for c in class_labels]
+        labels = _label_list(class_labels)
         B = len(labels)
         if not n_classes:
             raise ValueError("generate: class_labels given but the model has no class embedding")
@@ -129,5 +144,23 @@ def generate(
             x = scheduler.step(eps, t, x, generator=gen, **step_kw).prev_sample
             if return_trajectory:
                 trajectory.append(backend.to_numpy(x))
+    if not bool(xp.all(xp.isfinite(x))):
+        raise ValueError("generate: the samples came out NaN or infinite; the model's weights "
+                         "are probably not finite (a diverged run?)")
     x = xp.clip(x, -1.0, 1.0)
     return SampleResult(images=x, labels=labels, timesteps=timesteps, trajectory=trajectory)
+
+
+def _label_list(class_labels: Any) -> list[int]:
+    """``class_labels`` (a sequence of integers, or a 1-D integer array) as Python ints."""
+    if hasattr(class_labels, "shape"):
+        host = backend.to_numpy(class_labels)
+        if len(host.shape) != 1 or not backend.dtype_name(host.dtype).startswith(("int", "uint")):
+            raise ArgumentTypeError(
+                f"generate: expected class_labels to be a 1-D integer array, got shape "
+                f"{tuple(host.shape)} and dtype {backend.dtype_name(host.dtype)}")
+        return [int(host[i]) for i in range(host.shape[0])]
+    if isinstance(class_labels, (str, bytes)) or not isinstance(class_labels, Sequence):
+        raise ArgumentTypeError(f"generate: expected class_labels to be a sequence of integers, "
+                                f"got {type(class_labels).__name__}")
+    return [check_int("generate", f"class_labels[{i}]", c) for i, c in enumerate(class_labels)]

@@ -358,7 +358,7 @@ class BaseScheduler:
         with open(file, encoding="utf-8") as fh:
             try:
                 config = json.load(fh)
-            except json.JSONDecodeError as err:
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise ValueError(
                     f"{cls.__name__}.from_pretrained: {file!r} is not JSON ({err})"
                 ) from err
@@ -446,6 +446,11 @@ class BaseScheduler:
             lo, hi = (min(values), max(values)) if values else (0, 0)
             idx = backend.asarray(values, xp, dtype=xp.int64, device=dev)
         else:
+            if not hasattr(timesteps, "shape") or not hasattr(timesteps, "dtype"):
+                raise ValueError(
+                    f"{cls}.{where}: expected integer timesteps (an int, a list of ints or an "
+                    f"integer array), got {timesteps!r}"
+                )
             if backend.get_namespace(timesteps) is not xp or backend.device(timesteps) != dev:
                 timesteps = backend.asarray(timesteps, xp, device=dev)
             if not xp.isdtype(timesteps.dtype, "integral"):
@@ -576,7 +581,9 @@ class BaseScheduler:
         dev = backend.device(sample)
         if generator is None:
             generator = backend.Generator(None, xp, device=dev)
-        drawn = generator.normal(tuple(sample.shape), dtype=sample.dtype)
+        # float16 (and any other float) samples get float32 noise rounded to their dtype
+        wide = sample.dtype in (xp.float32, xp.float64)
+        drawn = generator.normal(tuple(sample.shape), dtype=sample.dtype if wide else xp.float32)
         if backend.get_namespace(drawn) is not xp or backend.device(drawn) != dev:
-            drawn = backend.asarray(drawn, xp, dtype=sample.dtype, device=dev)
-        return drawn
+            drawn = backend.asarray(drawn, xp, device=dev)
+        return drawn if drawn.dtype == sample.dtype else xp.astype(drawn, sample.dtype)

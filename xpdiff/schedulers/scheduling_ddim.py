@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
+from .._validation import check_float
 from ._common import BaseScheduler, SchedulerOutput, f32
 
 __all__ = ["DDIMScheduler"]
@@ -126,8 +127,7 @@ class DDIMScheduler(BaseScheduler):
         """
         xp, t = self._start_step(model_output, timestep, sample, generator, noise)
         t_prev = self._previous(t)
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
-            raise ValueError(f"DDIMScheduler.step: expected eta >= 0, got {eta!r}")
+        eta = check_float("DDIMScheduler.step", "eta", eta, min=0.0)
         abar_t = self._alphas_cumprod[t]
         abar_prev = self._alphas_cumprod[t_prev] if t_prev >= 0 else self.final_alpha_cumprod
         one_minus_abar_t = f32(1.0 - abar_t)
