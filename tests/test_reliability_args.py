@@ -406,3 +406,50 @@ def test_warmup_cosine_sweep(arg, value):
     with pytest.raises((ValueError, TypeError), match=arg):
         warmup_cosine(**kw)
     assert math.isfinite(warmup_cosine(3, 1e-3, 2, 10))
+
+
+# ---------------------------------------------------------------------------
+# data, images, the digit classifier
+# ---------------------------------------------------------------------------
+def _data_calls():
+    from xpdiff import data, evaluation, images
+
+    x = np.zeros((4, 1, 4, 4), np.float32)
+    y = np.arange(4, dtype=np.int64)
+    gen = backend.Generator(0, np)
+    return {
+        "factor": lambda v: data.downsample(x, v),
+        "test_fraction": lambda v: data.train_test_split(x, y, test_fraction=v),
+        "seed": lambda v: data.train_test_split(x, y, seed=v),
+        "batch_size": lambda v: data.batches(x, y, v, gen),
+        "skip": lambda v: data.batches(x, y, 2, gen, skip=v),
+        "drop_last": lambda v: data.batches(x, y, 2, gen, drop_last=v),
+        "nrow": lambda v: images.grid(x, v),
+        "pad": lambda v: images.grid(x, 2, pad=v),
+        "scale": lambda v: images.grid(x, 2, scale=v),
+        "duration_ms": lambda v: images.save_gif([x], "unused.gif", duration_ms=v),
+        "size": lambda v: evaluation.DigitClassifier(v, xp=np),
+        "channels": lambda v: evaluation.DigitClassifier(14, channels=v, xp=np),
+        "epochs": lambda v: evaluation.train_classifier(x, y, epochs=v, xp=np),
+        "lr": lambda v: evaluation.train_classifier(x, y, lr=v, xp=np),
+    }
+
+
+DATA_ARGS = {
+    "factor": ("int", 1, None, {}), "test_fraction": ("float", 0.0, 1.0, {}),
+    "seed": ("int", 0, None, {}), "batch_size": ("int", 1, None, {}), "skip": ("int", 0, None, {}),
+    "drop_last": ("bool", None, None, {}), "nrow": ("int", 1, None, {}),
+    "pad": ("int", 0, None, {}), "scale": ("int", 1, None, {}),
+    "duration_ms": ("int", 1, None, {}), "size": ("int", 4, None, {}),
+    "epochs": ("int", 1, None, {"none": True}), "lr": ("float", 0.0, None, {"lo_open": True}),
+}
+
+
+@pytest.mark.parametrize("name,value", sweep(DATA_ARGS) + [
+    pytest.param("channels", [8, 0, 8], id="channels=[8,0,8]"),
+    pytest.param("channels", [8, 8], id="channels=[8,8]"),
+    pytest.param("test_fraction", 1.0, id="test_fraction=1")])
+def test_data_images_classifier_sweep(name, value):
+    with pytest.raises((ValueError, TypeError)) as info:
+        _data_calls()[name](value)
+    assert_names(info, name)

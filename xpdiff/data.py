@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from . import backend
+from ._validation import check_bool, check_float, check_int
 
 __all__ = [
     "FASHION_MNIST_DIR",
@@ -271,7 +272,8 @@ def downsample(images: Any, factor: int = 2) -> Any:
     """
     xp = backend.get_namespace(images, where="downsample")
     *lead, h, w = images.shape
-    if factor < 1 or h % factor or w % factor:
+    factor = check_int("downsample", "factor", factor, min=1)
+    if h % factor or w % factor:
         raise ValueError(
             f"downsample: factor {factor} must be >= 1 and divide the image size {h}x{w}"
         )
@@ -311,8 +313,9 @@ def train_test_split(
     Returns:
         (train_images, train_labels, test_images, test_labels), host arrays.
     """
-    if not 0.0 <= test_fraction < 1.0:
-        raise ValueError(f"train_test_split: test_fraction must be in [0, 1), got {test_fraction}")
+    test_fraction = check_float("train_test_split", "test_fraction", test_fraction, min=0.0,
+                                max=1.0, max_open=True)
+    seed = check_int("train_test_split", "seed", seed, min=0)
     hx = _hx()
     images, labels = backend.to_numpy(images), backend.to_numpy(labels)
     n = labels.shape[0]
@@ -362,8 +365,9 @@ def batches(
     n = labels.shape[0]
     if images.shape[0] != n:
         raise ValueError(f"batches: {images.shape[0]} images but {n} labels")
-    if batch_size < 1:
-        raise ValueError(f"batches: batch_size must be >= 1, got {batch_size}")
+    batch_size = check_int("batches", "batch_size", batch_size, min=1)
+    skip = check_int("batches", "skip", skip, min=0)
+    drop_last = check_bool("batches", "drop_last", drop_last)
     perm = backend.to_numpy(generator.permutation(n))
     stop = n - n % batch_size if drop_last else n
     starts = range(skip * batch_size, stop, batch_size)

@@ -31,6 +31,7 @@ from typing import Any
 from . import backend
 from . import data as xdata
 from . import io as xio
+from ._validation import check_bool, check_float, check_int, check_int_list
 from .functional.losses import cross_entropy
 from .nn import init
 from .nn.layers import Conv2d, Linear, ReLU
@@ -91,12 +92,12 @@ class DigitClassifier(Module):
     def __init__(self, size: int = 28, *, channels: tuple[int, int, int] | None = None,
                  seed: int | None = None, dtype: str = "float32", xp: Any = None):
         super().__init__()
-        if size < 4:
-            raise ValueError(f"DigitClassifier: size must be >= 4, got {size}")
-        self.size = int(size)
+        self.size = check_int("DigitClassifier", "size", size, min=4)
         if channels is None:
             channels = CHANNELS.get(self.size, DEFAULT_CHANNELS)
-        self.channels = tuple(int(c) for c in channels)
+        self.channels = tuple(check_int_list("DigitClassifier", "channels", channels, min=1,
+                                             length=3))
+        check_int("DigitClassifier", "seed", seed, min=0, none=True)
         c1, c2, c3 = self.channels
         side = (((self.size + 1) // 2) + 1) // 2  # after two stride-2 convs with padding 1
         prev = init._rng
@@ -289,6 +290,12 @@ def train_classifier(
         The trained classifier, in eval mode, weights in ``xp``.
     """
     where = "train_classifier"
+    check_int(where, "epochs", epochs, min=1, none=True)
+    check_int(where, "batch_size", batch_size, min=1)
+    check_float(where, "lr", lr, min=0.0, min_open=True)
+    check_float(where, "weight_decay", weight_decay, min=0.0)
+    check_bool(where, "augment", augment)
+    check_int(where, "seed", seed, min=0)
     hx = _hx()
     x_host = backend.to_numpy(images)
     y_host = backend.to_numpy(labels)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import backend
+from ._validation import check_int
 from .data import from_model_range
 
 __all__ = ["grid", "save_gif", "save_grid"]
@@ -17,6 +18,9 @@ def grid(images: Any, nrow: int, pad: int = 1, scale: int = 1) -> Any:
 
     Missing cells at the end are black; ``scale`` repeats pixels for visibility.
     """
+    nrow = check_int("grid", "nrow", nrow, min=1)
+    pad = check_int("grid", "pad", pad, min=0)
+    scale = check_int("grid", "scale", scale, min=1)
     hx = backend.namespace_for("numpy")
     x = backend.to_numpy(images)
     if x.ndim != 4 or x.shape[1] != 1:
@@ -55,6 +59,8 @@ def save_gif(frames: Sequence[Any], path: str | os.PathLike, nrow: int = 10, sca
 
     if not frames:
         raise ValueError("save_gif: expected at least one frame, got none")
+    check_int("save_gif", "duration_ms", duration_ms, min=1)
+    check_int("save_gif", "hold_last_ms", hold_last_ms, min=1)
     pics = [_pil(grid(f, nrow, scale=scale)) for f in frames]
     durations = [duration_ms] * (len(pics) - 1) + [hold_last_ms]
     atomic_write(path, lambda tmp: pics[0].save(tmp, format="GIF", save_all=True,
