@@ -91,8 +91,9 @@ def _write_samples(ckpt: Path, out: Path, gif: Path | None, steps: int, schedule
 
 
 def _sample(args: argparse.Namespace) -> int:
+    steps = args.steps if args.steps is not None else _DEFAULT_STEPS[args.scheduler]
     _write_samples(Path(args.checkpoint), Path(args.out), Path(args.gif) if args.gif else None,
-                   args.steps, args.scheduler, args.guidance, args.seed, args.per_digit,
+                   steps, args.scheduler, args.guidance, args.seed, args.per_digit,
                    args.backend)
     print(f"wrote {args.out}")
     return 0
@@ -164,6 +165,9 @@ def _from_config(field: str) -> str:
     return f"(default: the --config file's, else {getattr(TrainConfig, field)})"
 
 
+#: Sampling steps of `xpdiff sample` without --steps: DPM-Solver++ is meant for about 20.
+_DEFAULT_STEPS = {"ddim": 50, "ddpm": 50, "dpm": 20}
+
 #: Range of each numeric flag: dest -> (kind, min, max).  Checked once after parsing.
 _RANGES = {
     "epochs": ("int", 1, None), "steps": ("int", 1, None), "batch_size": ("int", 1, None),
@@ -234,9 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", help="run directory or checkpoint directory")
     s.add_argument("--out", default="samples.png", help="PNG file to write")
     s.add_argument("--gif", help="also write the denoising process as a GIF (default: no GIF)")
-    s.add_argument("--scheduler", choices=("ddim", "ddpm"), default="ddim",
-                   help="sampler")
-    s.add_argument("--steps", type=int, default=50, help="sampling steps")
+    s.add_argument("--scheduler", choices=tuple(_DEFAULT_STEPS), default="ddim",
+                   help="sampler: DDIM, DDPM or DPM-Solver++(2M)")
+    s.add_argument("--steps", type=int,
+                   help="sampling steps (default: 50 for ddim and ddpm, 20 for dpm)")
     s.add_argument("--guidance", type=float,
                    help="guidance scale, >= 0 (default: the run's guidance_scale)")
     s.add_argument("--seed", type=int, default=0, help="seed of the noise, >= 0")

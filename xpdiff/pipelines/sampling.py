@@ -1,4 +1,4 @@
-"""Class-conditional sampling with DDPM or DDIM and classifier-free guidance."""
+"""Class-conditional sampling with DDPM, DDIM or DPM-Solver++ and classifier-free guidance."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from .. import backend
 from .._validation import ArgumentTypeError, check_bool, check_float, check_int, check_int_list
 from ..models.unet_2d import UNet2DModel
 from ..nn.module import no_grad
-from ..schedulers import DDIMScheduler, DDPMScheduler
+from ..schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 __all__ = ["SampleResult", "generate"]
 
@@ -28,7 +28,7 @@ class SampleResult:
 
 def generate(
     model: UNet2DModel,
-    scheduler: DDPMScheduler | DDIMScheduler,
+    scheduler: DDPMScheduler | DDIMScheduler | DPMSolverMultistepScheduler,
     class_labels: Sequence[int] | None = None,
     *,
     batch_size: int | None = None,
@@ -45,7 +45,8 @@ def generate(
 
     Args:
         model: a trained ``UNet2DModel`` (its EMA weights, ideally).
-        scheduler: ``DDPMScheduler`` or ``DDIMScheduler``; ``set_timesteps`` is called here.
+        scheduler: ``DDPMScheduler``, ``DDIMScheduler`` or ``DPMSolverMultistepScheduler``;
+            ``set_timesteps`` is called here (which also restarts a multistep solver).
         class_labels: one requested class per image; None for an unconditional model.
         batch_size: number of images when ``class_labels`` is None.
         guidance_scale: classifier-free guidance weight w: the prediction is
@@ -103,8 +104,9 @@ def generate(
             raise ValueError("generate: guidance_scale != 1 needs class_labels and null_class")
         if not 0 <= null_class < n_classes:
             raise ValueError(f"generate: null_class must be in [0, {n_classes}), got {null_class}")
-    if not isinstance(scheduler, (DDPMScheduler, DDIMScheduler)):
-        raise ValueError(f"generate: expected a DDPMScheduler or DDIMScheduler, got "
+    if not isinstance(scheduler, (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler)):
+        raise ValueError(f"generate: expected a DDPMScheduler or DDIMScheduler (or a "
+                         f"DPMSolverMultistepScheduler), got "
                          f"{type(scheduler).__name__}")
     if size is None:
         size = cfg["sample_size"]

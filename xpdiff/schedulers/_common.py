@@ -1,4 +1,4 @@
-"""Pieces shared by the DDPM and DDIM schedulers.
+"""Pieces shared by the DDPM, DDIM and DPM-Solver++ schedulers.
 
 * noise-schedule tables (``betas``, ``alphas_cumprod``) built on the host in
   pure Python with the same float32 roundings HuggingFace diffusers applies,
@@ -178,8 +178,23 @@ def _is_real(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _trained_betas(name: str, values: Any, n: int) -> list[float]:
+    """``trained_betas`` (a sequence of ``n`` numbers) as float32-rounded Python floats."""
+    try:
+        betas = [f32(float(b)) for b in values]
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{name}: expected trained_betas to be None or a sequence of numbers, got {values!r}"
+        ) from None
+    if len(betas) != n:
+        raise ValueError(
+            f"{name}: expected {n} trained_betas (num_train_timesteps), got {len(betas)}"
+        )
+    return betas
+
+
 class BaseScheduler:
-    """Schedule tables, config handling and checks common to DDPM and DDIM.
+    """Schedule tables, config handling and checks common to the schedulers.
 
     Subclasses declare their constructor arguments explicitly (those names are
     the config keys), call ``_setup(config)`` with them, and implement
@@ -194,6 +209,8 @@ class BaseScheduler:
         "timestep_spacing": TIMESTEP_SPACINGS,
     }
     _bools: ClassVar[tuple[str, ...]] = ("clip_sample",)
+    # diffusers' keys this class accepts in a config while they leave their feature off
+    _diffusers_inactive: ClassVar[dict[str, Any]] = _DIFFUSERS_INACTIVE
 
     # -- construction -------------------------------------------------------
     def _setup(self, config: dict[str, Any]) -> None:
@@ -214,23 +231,30 @@ class BaseScheduler:
         if not _is_int(off) or off < 0:
             raise ValueError(f"{name}: expected steps_offset to be an int >= 0, got {off!r}")
         for key in ("beta_start", "beta_end", "clip_sample_range"):
+            if key not in config:  # clip_sample_range: only schedulers that clip have it
+                continue
             if not _is_real(config[key]):
                 raise ValueError(
                     f"{name}: expected {key} to be a finite number, got {config[key]!r}"
                 )
             config[key] = float(config[key])
-        if config["clip_sample_range"] <= 0:
+        if config.get("clip_sample_range", 1.0) <= 0:
             raise ValueError(
                 f"{name}: expected clip_sample_range > 0, got {config['clip_sample_range']!r}"
             )
-        betas = beta_table(config["beta_schedule"], config["beta_start"], config["beta_end"], n)
-        bad = [b for b in betas if not 0.0 < b < 1.0]
-        if bad:
-            raise ValueError(
-                f"{name}: expected every beta in (0, 1), got {bad[0]!r} from beta_schedule="
-                f"{config['beta_schedule']!r}, beta_start={config['beta_start']!r}, "
+        if config.get("trained_betas") is not None:
+            betas = _trained_betas(name, config["trained_betas"], n)
+            config["trained_betas"] = betas
+            source = "trained_betas"
+        else:
+            betas = beta_table(config["beta_schedule"], config["beta_start"], config["beta_end"], n)
+            source = (
+                f"beta_schedule={config['beta_schedule']!r}, beta_start={config['beta_start']!r}, "
                 f"beta_end={config['beta_end']!r}"
             )
+        bad = [b for b in betas if not 0.0 < b < 1.0]
+        if bad:
+            raise ValueError(f"{name}: expected every beta in (0, 1), got {bad[0]!r} from {source}")
         self._config = dict(config)
         self._betas = betas
         self._alphas_cumprod = cumprod_table(betas)
@@ -298,8 +322,8 @@ class BaseScheduler:
                 continue
             if key in known:
                 kwargs[key] = value
-            elif key in _DIFFUSERS_INACTIVE:
-                off = _DIFFUSERS_INACTIVE[key]
+            elif key in cls._diffusers_inactive:
+                off = cls._diffusers_inactive[key]
                 if off is not _ANY and value != off:
                     raise ValueError(
                         f"{cls.__name__}.from_config: {key}={value!r} is not supported "
