@@ -658,3 +658,11 @@ def test_cli_sample_with_dpm(tmp_path, capsys):
     )
     assert png.is_file()
     assert "with DPM 20 steps" in capsys.readouterr().out  # 20 steps unless --steps
+
+
+def test_cli_evaluate_takes_the_scheduler():
+    from xpdiff.cli import _DEFAULT_STEPS, build_parser
+
+    args = build_parser().parse_args(["evaluate", "RUN", "--scheduler", "dpm"])
+    assert (args.scheduler, args.steps, _DEFAULT_STEPS["dpm"]) == ("dpm", None, 20)
+    assert build_parser().parse_args(["evaluate", "RUN"]).scheduler == "ddim"

@@ -108,15 +108,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     model, cfg = load_for_sampling(args.checkpoint, args.backend)
     guidance = cfg.guidance_scale if args.guidance is None else args.guidance
     clf = load_or_train_classifier(cfg.size, data_path=cfg.data)
-    sched = cfg.sampling_scheduler("ddim")
+    sched = cfg.sampling_scheduler(args.scheduler)
+    steps = args.steps if args.steps is not None else _DEFAULT_STEPS[args.scheduler]
     labels = [d for d in range(10) for _ in range(args.per_digit)]
     t0 = time.perf_counter()
-    res = generate(model, sched, labels, num_inference_steps=args.steps,
+    res = generate(model, sched, labels, num_inference_steps=steps,
                    guidance_scale=guidance, null_class=cfg.null_class, seed=args.seed)
     took = time.perf_counter() - t0
     held = data.prepare(cfg.data, cfg.size, cfg.test_fraction, seed=0)
     report = evaluate_samples(clf, res.images, labels, held.x_test, held.y_test)
-    print(f"{len(labels)} samples, DDIM {args.steps} steps, guidance {guidance}, "
+    print(f"{len(labels)} samples, {args.scheduler.upper()} {steps} steps, guidance {guidance}, "
           f"seed {args.seed} ({took:.1f} s)")
     print(report.format())
     if args.json:
@@ -253,7 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt, parents=[common])
     e.add_argument("checkpoint", help="run directory or checkpoint directory")
     e.add_argument("--per-digit", type=int, default=100, help="images of each digit")
-    e.add_argument("--steps", type=int, default=50, help="DDIM sampling steps")
+    e.add_argument("--scheduler", choices=tuple(_DEFAULT_STEPS), default="ddim",
+                   help="sampler: DDIM, DDPM or DPM-Solver++(2M)")
+    e.add_argument("--steps", type=int,
+                   help="sampling steps (default: 50 for ddim and ddpm, 20 for dpm)")
     e.add_argument("--guidance", type=float,
                    help="guidance scale, >= 0 (default: the run's guidance_scale)")
     e.add_argument("--seed", type=int, default=0, help="seed of the noise, >= 0")
