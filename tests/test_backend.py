@@ -289,6 +289,13 @@ def test_tile_samples(xp, monkeypatch, per_sample, batch, tile, want):
     assert backend.tile_samples(per_sample, batch, xp) == want
 
 
+def test_map_tiles_runs_every_tile_once_in_order(xp, monkeypatch):
+    for threads in ("1", "2"):
+        monkeypatch.setenv("XPDIFF_NUM_THREADS", threads)
+        got = backend.map_tiles(lambda t: (t.start, t.stop), 10, 3, xp)
+        assert got == [(0, 3), (3, 6), (6, 9), (9, 10)]
+
+
 def test_l2_cache_size_is_positive():
     assert backend._l2_cache_bytes() >= 64 * 1024
 

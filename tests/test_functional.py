@@ -244,6 +244,30 @@ def test_conv2d_tiles_give_the_same_result(xp, monkeypatch, k, s, p, tile_bytes)
     _assert_allclose(gw, rgw)
 
 
+@pytest.mark.parametrize(("k", "s", "p"), [(3, 1, 1), (3, 2, 1)])
+def test_conv2d_and_group_norm_on_tile_threads_match_one_thread(monkeypatch, k, s, p):
+    """Tiles run on two threads give bit for bit what one thread gives: every tile writes
+    its own rows and per-tile partial sums are added in tile order."""
+    from xpdiff.functional import norm as fn
+
+    xp = backend.namespace_for("numpy")
+    rng = _rng(11, k, s, p)
+    x = _to(xp, rng.standard_normal((7, 5, 5, 4)))
+    w = _to(xp, rng.standard_normal((6, 4, k, k)))
+    gw_, gb_ = _to(xp, rng.standard_normal(4)), _to(xp, rng.standard_normal(4))
+    monkeypatch.setattr(backend, "TILE_BYTES", 2000)      # several tiles of 1-2 samples
+    out = {}
+    for threads in ("1", "2"):
+        monkeypatch.setenv("XPDIFF_NUM_THREADS", threads)
+        y, cache = fc.conv2d_forward(x, w, None, s, p, layout="NHWC")
+        grads = fc.conv2d_backward(cache, y * 0.5)
+        z, gcache = fn.group_norm_forward(x, 2, gw_, gb_, 1e-5, "NHWC", activation="silu")
+        ggrads = fn.group_norm_backward(gcache, z * 0.25)
+        out[threads] = [backend.to_numpy(a) for a in (y, *grads[:2], z, *ggrads)]
+    for a, b in zip(out["1"], out["2"], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_conv2d_rejects_an_unknown_layout(xp):
     x = xp.zeros((1, 2, 3, 3), dtype=xp.float64)
     with pytest.raises(ValueError, match=r"layout must be one of \('NCHW', 'NHWC'\), got 'HWC'"):

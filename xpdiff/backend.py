@@ -32,10 +32,12 @@ __all__ = [
     "get_namespace",
     "is_numpy_namespace",
     "library_name",
+    "map_tiles",
     "matmul_into",
     "set_backend",
     "sliding_windows",
     "tile_samples",
+    "tile_workers",
     "to_namespace",
     "to_numpy",
 ]
@@ -205,7 +207,7 @@ def asarray(data: Any, xp: Any = None, *, dtype: Any = None, device: Any = None)
     if name == "torch":
         import torch
 
-        t = torch.from_numpy(np.ascontiguousarray(host))
+        t = torch.from_numpy(np.asarray(host, order="C"))  # keeps 0-d arrays 0-d
         return t.to(device=device, dtype=dtype) if (device or dtype) else t
     if device is None:
         return xp.asarray(host, dtype=dtype)
@@ -318,6 +320,86 @@ def tile_samples(bytes_per_sample: int, batch: int, xp: Any) -> int:
     if array_api_compat.is_cupy_namespace(xp):
         return max(batch, 1)
     return max(1, min(batch, TILE_BYTES // max(int(bytes_per_sample), 1)))
+
+
+_pool: Any = None
+_blas: Any = None       # threadpoolctl's controller of NumPy's BLAS; False when unavailable
+_blas_threads: int | None = None    # NumPy's BLAS thread count before xpdiff held it to one
+
+
+def _blas_controller() -> Any:
+    """The thread-count controller of the BLAS NumPy uses, or None (no threadpoolctl)."""
+    global _blas
+    if _blas is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            ctl = [c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"]
+            _blas = ctl[0] if ctl else False
+        except Exception:  # not installed, or a BLAS it cannot drive
+            _blas = False
+    return _blas or None
+
+
+def tile_workers() -> int:
+    """Threads that run tiles at once on NumPy.
+
+    ``XPDIFF_NUM_THREADS`` when set, else as many threads as NumPy's BLAS was set to use
+    (so ``OPENBLAS_NUM_THREADS=1`` keeps everything on one core), at most the cores this
+    process may run on.
+    """
+    global _blas_threads
+    env = os.environ.get("XPDIFF_NUM_THREADS")
+    if env:
+        n = int(env)
+    else:
+        if _blas_threads is None:
+            ctl = _blas_controller()
+            _blas_threads = ctl.get_num_threads() if ctl is not None else 1
+        n = _blas_threads
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(n, cores))
+
+
+def _hold_blas_to_one_thread() -> None:
+    """From the first parallel tile on, NumPy's BLAS runs one thread per call: the tile
+    threads are the parallelism.  Changing the count costs milliseconds (OpenBLAS rebuilds
+    its thread pool), so it is done once, not around each parallel region."""
+    global _blas_threads
+    ctl = _blas_controller()
+    if ctl is None:
+        return
+    if _blas_threads is None:
+        _blas_threads = ctl.get_num_threads()
+    if ctl.get_num_threads() != 1:
+        ctl.set_num_threads(1)
+
+
+def map_tiles(fn: Any, n_items: int, per_tile: int, xp: Any) -> list:
+    """``[fn(t) for t in tiles]``, tiles being slices of ``range(n_items)`` of ``per_tile``.
+
+    On NumPy with ``tile_workers() > 1`` the tiles run on a pool of that many threads:
+    NumPy releases the interpreter lock inside copies, elementwise loops and products,
+    so the im2col copies and the elementwise passes use every core, not only the
+    products.  NumPy's BLAS is then held to one thread per call for the rest of the
+    process (``XPDIFF_NUM_THREADS=1`` leaves it alone and runs tiles in order).
+    ``fn`` must write only to its own tile's part of any shared output.  Results come
+    back in tile order whatever the schedule, so sums over them are deterministic.
+    """
+    global _pool
+    tiles = [slice(s, min(n_items, s + per_tile)) for s in range(0, n_items, per_tile)]
+    workers = tile_workers() if is_numpy_namespace(xp) else 1
+    if workers <= 1 or len(tiles) <= 1:
+        return [fn(t) for t in tiles]
+    from concurrent.futures import ThreadPoolExecutor
+
+    _hold_blas_to_one_thread()
+    if _pool is None or _pool._max_workers != workers:
+        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xpdiff-tile")
+    return list(_pool.map(fn, tiles))
 
 
 def matmul_into(out: Any, rows: slice, a: Any, b: Any) -> None:

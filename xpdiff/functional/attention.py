@@ -74,9 +74,8 @@ def sdpa_forward(q: Any, k: Any, v: Any, scale: float) -> tuple[Any, SdpaCache]:
     o = xp.empty((B, N, h, v.shape[3]), dtype=q.dtype, device=dev)
     row_max = xp.empty((B, h, N, 1), dtype=q.dtype, device=dev)
     inv_sum = xp.empty((B, h, N, 1), dtype=q.dtype, device=dev)
-    n = _tile(q, k, 1)
-    for s0 in range(0, B, n):
-        t = slice(s0, min(B, s0 + n))
+
+    def tile(t: slice) -> None:
         s = (_heads(q[t, ...]) * scale) @ _heads(k[t, ...]).mT
         m = xp.max(s, axis=-1, keepdims=True)
         s -= m
@@ -87,6 +86,8 @@ def sdpa_forward(q: Any, k: Any, v: Any, scale: float) -> tuple[Any, SdpaCache]:
         o[t, ...] = _heads(e @ _heads(v[t, ...]))
         row_max[t, ...] = m
         inv_sum[t, ...] = r
+
+    backend.map_tiles(tile, B, _tile(q, k, 1), xp)
     return o, SdpaCache(q, k, v, o, scale, row_max, inv_sum)
 
 
@@ -105,9 +106,8 @@ def sdpa_backward(cache: SdpaCache, go: Any) -> tuple[Any, Any, Any]:
     gq = xp.empty(tuple(c.q.shape), dtype=go.dtype, device=dev)
     gk = xp.empty(tuple(c.k.shape), dtype=go.dtype, device=dev)
     gv = xp.empty(tuple(c.v.shape), dtype=go.dtype, device=dev)
-    n = _tile(c.q, c.k, 2)
-    for s0 in range(0, B, n):
-        t = slice(s0, min(B, s0 + n))
+
+    def tile(t: slice) -> None:
         q, k, v, g = _heads(c.q[t, ...]), _heads(c.k[t, ...]), _heads(c.v[t, ...]), _heads(go[t, ...])
         p = _probabilities(q, k, c.scale, c.row_max[t, ...], c.inv_sum[t, ...])
         gv[t, ...] = _heads(p.mT @ g)
@@ -117,4 +117,6 @@ def sdpa_backward(cache: SdpaCache, go: Any) -> tuple[Any, Any, Any]:
         del p
         gq[t, ...] = _heads((gs @ k) * c.scale)
         gk[t, ...] = _heads((gs.mT @ q) * c.scale)
+
+    backend.map_tiles(tile, B, _tile(c.q, c.k, 2), xp)
     return gq, gk, gv

@@ -133,16 +133,18 @@ def _tiled_conv(x: Any, wm: Any, kh: int, kw: int, stride: int, pad: int) -> Any
     O = wm.shape[1]
     if kh == kw == 1 and stride == 1 and pad == 0:
         return xp.reshape(xp.reshape(x, (B * H * W, C)) @ wm, (B, H, W, O))
-    win = backend.sliding_windows(pad2d(x, pad), kh, kw, stride, channels_last=True)
-    Ho, Wo = win.shape[1], win.shape[2]
+    Ho = conv_output_size(H, kh, stride, pad)
+    Wo = conv_output_size(W, kw, stride, pad)
     per = Ho * Wo
     y = xp.empty((B, Ho, Wo, O), dtype=x.dtype, device=backend.device(x))
     y2 = xp.reshape(y, (B * per, O))
+
+    def tile(t: slice) -> None:
+        cols = im2col(x[t, ...], kh, kw, stride, pad)
+        backend.matmul_into(y2, slice(t.start * per, t.stop * per), cols, wm)
+
     n = backend.tile_samples(per * kh * kw * C * _itemsize(x), B, xp)
-    for s0 in range(0, B, n):
-        s1 = min(B, s0 + n)
-        cols = xp.reshape(win[s0:s1, ...], ((s1 - s0) * per, kh * kw * C))
-        backend.matmul_into(y2, slice(s0 * per, s1 * per), cols, wm)
+    backend.map_tiles(tile, B, n, xp)
     return y
 
 
@@ -217,30 +219,28 @@ def conv2d_backward(cache: Conv2dCache, gy: Any) -> tuple[Any, Any, Any | None]:
     else:
         flip = stride == 1 and kh == kw and pad <= kh - 1
         gx = xp.empty((B, H, W, C), dtype=gy.dtype, device=backend.device(gy))
-        xwin = backend.sliding_windows(pad2d(x, pad), kh, kw, stride, channels_last=True)
         if flip:
             # (O, C, kh, kw) flipped -> rows (i, j, o), columns c
             wfm = _kernel_matrix(xp.permute_dims(xp.flip(w, axis=(2, 3)), (1, 0, 2, 3)))
-            gwin = backend.sliding_windows(pad2d(gy, kh - 1 - pad), kh, kw, 1,
-                                           channels_last=True)
             gx2 = xp.reshape(gx, (B * per_in, C))
-        gwm = None
-        per_bytes = (per_out * kh * kw * C + per_in * kh * kw * O) * _itemsize(x)
-        n = backend.tile_samples(per_bytes, B, xp)
-        for s0 in range(0, B, n):
-            s1 = min(B, s0 + n)
-            cols = xp.reshape(xwin[s0:s1, ...], ((s1 - s0) * per_out, kh * kw * C))
-            g_t = g2[s0 * per_out : s1 * per_out, :]
-            part = cols.T @ g_t
-            if gwm is None:
-                gwm = part
-            else:
-                gwm += part
+
+        def tile(t: slice) -> Any:
+            """Write this tile's input gradient; return its share of the weight gradient."""
+            nt = t.stop - t.start
+            cols = im2col(x[t, ...], kh, kw, stride, pad)
+            g_t = g2[t.start * per_out : t.stop * per_out, :]
             if flip:
-                gcols = xp.reshape(gwin[s0:s1, ...], ((s1 - s0) * per_in, kh * kw * O))
-                backend.matmul_into(gx2, slice(s0 * per_in, s1 * per_in), gcols, wfm)
+                gcols = im2col(gy[t, ...], kh, kw, 1, kh - 1 - pad)
+                backend.matmul_into(gx2, slice(t.start * per_in, t.stop * per_in), gcols, wfm)
             else:
-                gx[s0:s1, ...] = col2im(g_t @ wm.T, (s1 - s0, H, W, C), kh, kw, stride, pad)
+                gx[t, ...] = col2im(g_t @ wm.T, (nt, H, W, C), kh, kw, stride, pad)
+            return cols.T @ g_t
+
+        per_bytes = (per_out * kh * kw * C + per_in * kh * kw * O) * _itemsize(x)
+        parts = backend.map_tiles(tile, B, backend.tile_samples(per_bytes, B, xp), xp)
+        gwm = parts[0]
+        for part in parts[1:]:      # in tile order: the same sum on every schedule
+            gwm += part
     gw = xp.permute_dims(xp.reshape(gwm, (kh, kw, C, O)), (3, 2, 0, 1))
     if cache.layout == "NCHW":
         gx = to_channels_first(gx)

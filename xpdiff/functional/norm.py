@@ -117,9 +117,8 @@ def group_norm_forward(
     if w is not None:
         cshape = _channel_shape(shape, layout)
         wc, bc = xp.reshape(w, cshape), xp.reshape(b, cshape)
-    n = _tile(shape, x.dtype, xp)
-    for s0 in range(0, shape[0], n):
-        t = slice(s0, min(shape[0], s0 + n))
+
+    def tile(t: slice) -> None:
         xt = x[t, ...]
         tshape = tuple(xt.shape)
         xr = xp.reshape(xt, (tshape[0], *vshape[1:]))
@@ -139,6 +138,8 @@ def group_norm_forward(
             yt *= st            # silu, in place on the fresh yt
             s[t, ...] = st
         y[t, ...] = yt
+
+    backend.map_tiles(tile, shape[0], _tile(shape, x.dtype, xp), xp)
     cache = GroupNormCache(xhat, inv, w, shape, layout, num_groups)
     if activation:
         cache.s, cache.out = s, y
@@ -160,9 +161,9 @@ def group_norm_backward(cache: GroupNormCache, gy: Any) -> tuple[Any, Any | None
     gw = gb = None
     if c.w is not None:
         wc = xp.reshape(c.w, _channel_shape(shape, layout))
-    n = _tile(shape, gy.dtype, xp)
-    for s0 in range(0, shape[0], n):
-        t = slice(s0, min(shape[0], s0 + n))
+
+    def tile(t: slice) -> tuple[Any, Any]:
+        """Write this tile's input gradient; return its shares of gb and gw."""
         g = gy[t, ...]
         tshape = tuple(g.shape)
         xh = c.xhat[t, ...]
@@ -173,11 +174,10 @@ def group_norm_backward(cache: GroupNormCache, gy: Any) -> tuple[Any, Any | None
             d += st
             d *= g
             g = d
+        sb = sw = None
         if c.w is not None:
             sb = _channel_sum(g, layout)
             sw = _channel_sum(g * xp.reshape(xh, tshape), layout)
-            gb = sb if gb is None else gb + sb
-            gw = sw if gw is None else gw + sw
             g = g * wc
         gxhat = xp.reshape(g, tuple(xh.shape))
         m1 = _group_mean(gxhat, G, layout)
@@ -187,4 +187,12 @@ def group_norm_backward(cache: GroupNormCache, gy: Any) -> tuple[Any, Any | None
         gt += m1
         gt *= -c.inv[t, ...]    # inv * (gxhat - m1 - xhat * m2)
         gx[t, ...] = xp.reshape(gt, tshape)
+        return sb, sw
+
+    parts = backend.map_tiles(tile, shape[0], _tile(shape, gy.dtype, xp), xp)
+    if c.w is not None:         # summed in tile order: the same on every schedule
+        gb, gw = parts[0]
+        for sb, sw in parts[1:]:
+            gb = gb + sb
+            gw = gw + sw
     return gx, gw, gb
