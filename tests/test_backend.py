@@ -296,6 +296,12 @@ def test_map_tiles_runs_every_tile_once_in_order(xp, monkeypatch):
         assert got == [(0, 3), (3, 6), (6, 9), (9, 10)]
 
 
+def test_on_host(xp):
+    """Host namespaces allow value checks in layers; only CuPy arrays would sync a device."""
+    want = backend.library_name(xp) != "cupy"
+    assert backend.on_host(xp.zeros((2,), dtype=xp.float32)) is want
+
+
 def test_l2_cache_size_is_positive():
     assert backend._l2_cache_bytes() >= 64 * 1024
 

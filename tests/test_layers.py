@@ -503,6 +503,21 @@ def test_inputs_left_alone_and_strided_inputs_agree(xp, case):
                                        atol=1e-13)
 
 
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_group_norm_without_grad_keeps_no_cache_and_the_same_output(xp, activation):
+    from xpdiff.nn.module import no_grad
+
+    init.manual_seed(0)
+    gn = GroupNorm(2, 4, activation=activation, layout="NHWC", dtype="float64", xp=xp)
+    x = backend.asarray(np.random.default_rng(3).standard_normal((3, 2, 5, 4)), xp)
+    y = backend.to_numpy(gn(x))
+    gn.backward(xp.ones_like(x))
+    with no_grad():
+        y0 = backend.to_numpy(gn(x))
+    assert gn._cache is None
+    np.testing.assert_array_equal(y0, y)
+
+
 def test_float32_params_stay_float32(xp):
     init.manual_seed(0)
     block = ResnetBlock2D(in_channels=2, out_channels=4, temb_channels=3, groups=2, xp=xp)

@@ -34,6 +34,7 @@ __all__ = [
     "library_name",
     "map_tiles",
     "matmul_into",
+    "on_host",
     "set_backend",
     "sliding_windows",
     "tile_samples",
@@ -83,6 +84,15 @@ def library_name(xp: Any) -> str:
 
 def is_numpy_namespace(xp: Any) -> bool:
     return array_api_compat.is_numpy_namespace(xp)
+
+
+def on_host(x: Any) -> bool:
+    """True when reading ``x``'s values costs no device synchronisation (not a CuPy array).
+
+    Layers check values (label and timestep ranges) only then; a CuPy forward reads
+    nothing back, and the entry points check their inputs instead.
+    """
+    return not array_api_compat.is_cupy_array(x)
 
 
 def device(x: Any) -> Any:

@@ -87,8 +87,8 @@ def _tile(shape: tuple, dtype: Any, xp: Any) -> int:
 
 def group_norm_forward(
     x: Any, num_groups: int, w: Any | None, b: Any | None, eps: float, layout: str = "NCHW",
-    activation: str | None = None,
-) -> tuple[Any, GroupNormCache]:
+    activation: str | None = None, keep_cache: bool = True,
+) -> tuple[Any, GroupNormCache | None]:
     """Normalise each of ``num_groups`` channel groups per sample, then scale and shift.
 
     Args:
@@ -97,6 +97,8 @@ def group_norm_forward(
         w, b: (C,) or None.  eps: added to the variance (biased, over the group).
         activation: None, or ``"silu"`` to return ``silu(group_norm(x))`` in one pass over
             fresh arrays (Elfwing et al., 2018: ``y * sigmoid(y)``).
+        keep_cache: False (inference) skips storing what the backward needs; the cache
+            returned is then None.
     Returns:
         ``(y, cache)``, y like x; the cache keeps the normalised input, the per-group
         inverse standard deviation and ``w``; with SiLU also ``sigmoid(y)`` and the
@@ -111,9 +113,10 @@ def group_norm_forward(
     shape = tuple(x.shape)
     vshape = _view(shape, num_groups, layout)
     y = xp.empty(shape, dtype=x.dtype, device=dev)
-    xhat = xp.empty(vshape, dtype=x.dtype, device=dev)
-    inv = xp.empty(_stat_shape(shape, num_groups, layout), dtype=x.dtype, device=dev)
-    s = xp.empty(shape, dtype=x.dtype, device=dev) if activation else None
+    if keep_cache:
+        xhat = xp.empty(vshape, dtype=x.dtype, device=dev)
+        inv = xp.empty(_stat_shape(shape, num_groups, layout), dtype=x.dtype, device=dev)
+        s = xp.empty(shape, dtype=x.dtype, device=dev) if activation else None
     if w is not None:
         cshape = _channel_shape(shape, layout)
         wc, bc = xp.reshape(w, cshape), xp.reshape(b, cshape)
@@ -125,8 +128,9 @@ def group_norm_forward(
         xh = xr - _group_mean(xr, num_groups, layout)   # fresh: centred, then scaled
         it = 1.0 / xp.sqrt(_group_mean(xh * xh, num_groups, layout) + eps)
         xh *= it
-        xhat[t, ...] = xh
-        inv[t, ...] = it
+        if keep_cache:
+            xhat[t, ...] = xh
+            inv[t, ...] = it
         yt = xp.reshape(xh, tshape)
         if w is not None:
             yt = yt * wc
@@ -136,10 +140,13 @@ def group_norm_forward(
         if activation:
             st = sigmoid(yt)
             yt *= st            # silu, in place on the fresh yt
-            s[t, ...] = st
+            if keep_cache:
+                s[t, ...] = st
         y[t, ...] = yt
 
     backend.map_tiles(tile, shape[0], _tile(shape, x.dtype, xp), xp)
+    if not keep_cache:
+        return y, None
     cache = GroupNormCache(xhat, inv, w, shape, layout, num_groups)
     if activation:
         cache.s, cache.out = s, y

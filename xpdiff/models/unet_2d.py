@@ -201,6 +201,8 @@ class UNet2DModel(Module):
         if not (xp.isdtype(t.dtype, "integral") or xp.isdtype(t.dtype, "real floating")):
             raise TypeError(f"UNet2DModel: expected integer or real timesteps, got dtype "
                             f"{backend.dtype_name(t.dtype)}")
+        if not backend.on_host(t):  # no device read in a CuPy forward; entry points check
+            return t
         lo, hi = float(xp.min(t)), float(xp.max(t))
         limit = self.config["num_train_timesteps"]
         if lo < 0 or (limit is not None and hi >= limit) or not hi < float("inf"):

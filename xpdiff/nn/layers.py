@@ -19,7 +19,7 @@ from ..functional import norm as fn
 from ..functional.losses import mse_loss
 from . import init
 from ._checks import check_input
-from .module import Module, Parameter
+from .module import Module, Parameter, is_grad_enabled
 
 LAYOUTS = ("NCHW", "NHWC")
 
@@ -171,7 +171,7 @@ class GroupNorm(Module):
             x, self.num_groups,
             self.weight.data if self.weight else None,
             self.bias.data if self.bias else None, self.eps, layout=self.layout,
-            activation=self.activation,
+            activation=self.activation, keep_cache=is_grad_enabled(),
         )
         self._save(cache)
         return y
@@ -250,7 +250,10 @@ class Embedding(Module):
         if not xp.isdtype(idx.dtype, "integral"):
             raise TypeError(
                 f"{where}: expected integer indices, got {backend.dtype_name(idx.dtype)}")
-        if idx.shape[0] and (int(xp.min(idx)) < 0 or int(xp.max(idx)) >= self.num_embeddings):
+        # reading values would stall a GPU stream: on device arrays the entry points
+        # (pipelines.generate, the Trainer) check labels before they reach the model
+        if idx.shape[0] and backend.on_host(idx) and (
+                int(xp.min(idx)) < 0 or int(xp.max(idx)) >= self.num_embeddings):
             raise ValueError(
                 f"{where}: expected indices in [0, {self.num_embeddings}), got values in "
                 f"[{int(xp.min(idx))}, {int(xp.max(idx))}]"
