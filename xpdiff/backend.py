@@ -315,10 +315,10 @@ def _l2_cache_bytes() -> int:
     return 1024**2
 
 
-TILE_BYTES = int(os.environ.get("XPDIFF_TILE_BYTES", 0)) or 2 * _l2_cache_bytes()
-"""Target size of one tile's largest temporary (a column matrix, a block of attention
-scores): twice one core's L2 cache, the best of 0.5-8x measured (benchmarks/RESULTS.md).
-``XPDIFF_TILE_BYTES`` overrides it."""
+TILE_BYTES = int(os.environ.get("XPDIFF_TILE_BYTES", 0)) or 4 * _l2_cache_bytes()
+"""Target size of one tile's temporaries (a column matrix, a block of attention scores):
+four times one core's L2 cache, the best of 0.5-8x measured for whole training steps
+(benchmarks/RESULTS.md).  ``XPDIFF_TILE_BYTES`` overrides it."""
 
 
 def tile_samples(bytes_per_sample: int, batch: int, xp: Any) -> int:
