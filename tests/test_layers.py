@@ -115,7 +115,7 @@ class ChannelsLast(Module):
         return self._perm(out, (0, 3, 1, 2))
 
 
-def _channels_last(case: "Case", make) -> "Case":
+def _channels_last(case: Case, make) -> Case:
     """The same case with the layer built channels-last (``make(xp, dtype)``)."""
     return Case(case.id + "-NHWC", lambda xp, dt: ChannelsLast(make(xp, dt)), case.data,
                 case.torch_mod, case.cached)
@@ -667,9 +667,11 @@ def test_backward_before_forward(xp, case):
 @pytest.mark.parametrize(("factory", "exc", "match"), [
     (lambda: GroupNorm(3, 4), ValueError,
      r"GroupNorm: num_groups must divide num_channels, got num_groups=3 and num_channels=4"),
-    (lambda: GroupNorm(0, 4), ValueError, r"num_groups must divide"),
-    (lambda: ResnetBlock2D(in_channels=4, groups=3), ValueError, r"num_groups=3"),
-    (lambda: Attention(6, 2, 3, norm_num_groups=4), ValueError, r"num_groups=4"),
+    (lambda: GroupNorm(0, 4), ValueError, r"GroupNorm: expected num_groups to be an integer >= 1"),
+    (lambda: ResnetBlock2D(in_channels=4, groups=3), ValueError,
+     r"ResnetBlock2D: expected groups to divide in_channels=4, got 3"),
+    (lambda: Attention(6, 2, 3, norm_num_groups=4), ValueError,
+     r"Attention: expected norm_num_groups to divide query_dim=6, got 4"),
     (lambda: Dropout(0.1), ValueError, r"Dropout: only p=0\.0 is supported, got p=0\.1"),
     (lambda: ResnetBlock2D(in_channels=4, groups=2, dropout=0.5), ValueError, r"p=0\.5"),
     (lambda: TimestepEmbedding(4, 8, act_fn="relu"), ValueError, r"only act_fn='silu'"),

@@ -108,7 +108,8 @@ def sdpa_backward(cache: SdpaCache, go: Any) -> tuple[Any, Any, Any]:
     gv = xp.empty(tuple(c.v.shape), dtype=go.dtype, device=dev)
 
     def tile(t: slice) -> None:
-        q, k, v, g = _heads(c.q[t, ...]), _heads(c.k[t, ...]), _heads(c.v[t, ...]), _heads(go[t, ...])
+        q, k, v = _heads(c.q[t, ...]), _heads(c.k[t, ...]), _heads(c.v[t, ...])
+        g = _heads(go[t, ...])
         p = _probabilities(q, k, c.scale, c.row_max[t, ...], c.inv_sum[t, ...])
         gv[t, ...] = _heads(p.mT @ g)
         gs = g @ v.mT           # gp, turned into gs in place
