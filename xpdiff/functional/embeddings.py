@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from .. import backend
 
-__all__ = ["embedding_backward", "embedding_forward", "timestep_embedding"]
+__all__ = ["EmbeddingCache", "embedding_backward", "embedding_forward", "timestep_embedding"]
+
+
+@dataclass
+class EmbeddingCache:
+    """What ``embedding_backward`` needs: the looked-up indices and the table's length."""
+
+    idx: Any            # (N,) integers
+    num: int
 
 
 def timestep_embedding(
@@ -38,16 +47,16 @@ def timestep_embedding(
     return emb if dtype is None else xp.astype(emb, dtype)
 
 
-def embedding_forward(w: Any, idx: Any) -> tuple[Any, tuple]:
-    """Rows ``w[idx]`` (N, dim) of a table w (num, dim); cache ``(idx, num)``."""
+def embedding_forward(w: Any, idx: Any) -> tuple[Any, EmbeddingCache]:
+    """Rows ``w[idx]`` (N, dim) of a table w (num, dim); the cache keeps idx."""
     xp = backend.get_namespace(w, idx)
-    return xp.take(w, idx, axis=0), (idx, w.shape[0])
+    return xp.take(w, idx, axis=0), EmbeddingCache(idx, w.shape[0])
 
 
-def embedding_backward(cache: tuple, gy: Any) -> Any:
+def embedding_backward(cache: EmbeddingCache, gy: Any) -> Any:
     """Table gradient (num, dim): every repeated index ADDS its row (one-hot matmul)."""
     xp = backend.get_namespace(gy)
-    idx, num = cache
+    idx, num = cache.idx, cache.num
     rows = xp.arange(num, device=backend.device(idx))
     onehot = xp.astype(idx[:, None] == rows[None, :], gy.dtype)
     return onehot.T @ gy

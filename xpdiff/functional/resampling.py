@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from .. import backend
 
-__all__ = ["nearest_indices", "upsample_nearest_backward", "upsample_nearest_forward"]
+__all__ = [
+    "UpsampleCache",
+    "nearest_indices",
+    "upsample_nearest_backward",
+    "upsample_nearest_forward",
+]
+
+
+@dataclass
+class UpsampleCache:
+    """What ``upsample_nearest_backward`` needs: the input's shape and layout."""
+
+    shape: tuple
+    layout: str
 
 
 def nearest_indices(n_in: int, n_out: int) -> list[int]:
@@ -30,8 +44,8 @@ def _spatial_axes(layout: str) -> tuple[int, int]:
 
 def upsample_nearest_forward(
     x: Any, size: tuple[int, int], layout: str = "NCHW"
-) -> tuple[Any, tuple]:
-    """Nearest upsampling of x to spatial ``size`` (Ho, Wo); cache: input shape and layout.
+) -> tuple[Any, UpsampleCache]:
+    """Nearest upsampling of x to spatial ``size`` (Ho, Wo); the cache keeps the input shape.
 
     Args:
         x: (B, C, H, W) for ``layout="NCHW"``, (B, H, W, C) for ``"NHWC"``.
@@ -50,18 +64,18 @@ def upsample_nearest_forward(
         wide[ah + 1], wide[aw + 2] = 2, 2
         out = list(shape)
         out[ah], out[aw] = Ho, Wo
-        return xp.reshape(xp.broadcast_to(y, tuple(wide)), tuple(out)), (shape, layout)
+        return xp.reshape(xp.broadcast_to(y, tuple(wide)), tuple(out)), UpsampleCache(shape, layout)
     dev = backend.device(x)
     ih = xp.asarray(nearest_indices(H, Ho), device=dev)
     iw = xp.asarray(nearest_indices(W, Wo), device=dev)
     y = xp.take(xp.take(x, ih, axis=ah), iw, axis=aw)
-    return y, (shape, layout)
+    return y, UpsampleCache(shape, layout)
 
 
-def upsample_nearest_backward(cache: tuple, gy: Any) -> Any:
+def upsample_nearest_backward(cache: UpsampleCache, gy: Any) -> Any:
     """Sum each output gradient back into its source pixel; returns gx like the input."""
     xp = backend.get_namespace(gy)
-    shape, layout = cache
+    shape, layout = cache.shape, cache.layout
     ah, aw = _spatial_axes(layout)
     H, W = shape[ah], shape[aw]
     Ho, Wo = gy.shape[ah], gy.shape[aw]
