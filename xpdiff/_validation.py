@@ -26,6 +26,7 @@ __all__ = [
     "ArgumentTypeError",
     "check_bool",
     "check_choice",
+    "check_dtype",
     "check_float",
     "check_int",
     "check_int_list",
@@ -112,6 +113,30 @@ def check_choice(where: str, name: str, value: Any, choices: Sequence[Any]) -> A
     if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
         _fail(where, name, f"one of {', '.join(map(repr, choices))}", value)
     return value
+
+
+def check_dtype(where: str, value: Any, xp: Any = None, *, name: str = "dtype") -> str:
+    """The name, ``"float32"`` or ``"float64"``, of a float dtype given by that name or as
+    the namespace's own dtype (``xp.float32``; ``xp`` None: the default backend's).
+
+    Layers store parameters in these two dtypes only; anything else (``"int32"``,
+    ``"float"``, ``xp.int64``, a dtype of another library) is refused.
+    """
+    names = ("float32", "float64")
+    if isinstance(value, str):
+        return check_choice(where, name, value, names)
+    if xp is None:
+        from . import backend
+
+        xp = backend.default_namespace()
+    for n in names:
+        try:
+            if bool(value == getattr(xp, n)):
+                return n
+        except Exception:  # an array or an object that cannot compare with a dtype
+            continue
+    _fail(where, name, "one of 'float32', 'float64' or the namespace's float32 or float64",
+          value, ArgumentTypeError)
 
 
 def check_int_list(where: str, name: str, value: Any, *, min: int | None = None,

@@ -353,7 +353,7 @@ def _checked_args(args: dict) -> dict:
         if groups is not None and any(c % groups for c in chans):
             raise _v.ArgumentError(
                 f"{w}: expected {key} to divide every channel count {chans}, got {groups}")
-    _v.check_choice(w, "dtype", args["dtype"], ("float32", "float64"))
+    _v.check_dtype(w, args["dtype"], args["xp"])
     return out
 
 

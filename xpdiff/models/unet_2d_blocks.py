@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import _validation as _v
 from .. import backend
 from ..nn.blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D
 from ..nn.module import Module, ModuleList
@@ -37,6 +38,13 @@ def _attention(channels: int, head_dim: int | None, groups: int | None, eps: flo
         )
     return Attention(channels, heads=channels // head_dim, dim_head=head_dim,
                      rescale_output_factor=scale, eps=eps, norm_num_groups=groups, **kw)
+
+
+def _check_block(where: str, num_layers: Any, flag: str, value: Any) -> tuple[int, bool]:
+    """``num_layers`` and the block's boolean (``add_downsample``...); the resnets and
+    attentions check the other arguments."""
+    return (_v.check_int(where, "num_layers", num_layers, min=1),
+            _v.check_bool(where, flag, value))
 
 
 def _add_temb(acc: Any, g: Any) -> Any:
@@ -76,6 +84,8 @@ class _DownBlock(_Stack):
         layout: str = "NCHW", dtype: str = "float32", xp: Any = None,
     ):
         super().__init__()
+        num_layers, add_downsample = _check_block(type(self).__name__, num_layers,
+                                                  "add_downsample", add_downsample)
         self.layout = layout
         kw = {"layout": layout, "dtype": dtype, "xp": xp}
         self._build([in_channels] + [out_channels] * (num_layers - 1), out_channels,
@@ -141,6 +151,8 @@ class _UpBlock(_Stack):
         layout: str = "NCHW", dtype: str = "float32", xp: Any = None,
     ):
         super().__init__()
+        num_layers, add_upsample = _check_block(type(self).__name__, num_layers,
+                                                "add_upsample", add_upsample)
         self.layout = layout
         kw = {"layout": layout, "dtype": dtype, "xp": xp}
         self.skip_channels = [in_channels if i == num_layers - 1 else out_channels
@@ -211,6 +223,8 @@ class UNetMidBlock2D(Module):
         add_attention: bool = True, layout: str = "NCHW", dtype: str = "float32", xp: Any = None,
     ):
         super().__init__()
+        num_layers, add_attention = _check_block("UNetMidBlock2D", num_layers, "add_attention",
+                                                 add_attention)
         kw = {"layout": layout, "dtype": dtype, "xp": xp}
         attn_groups = resnet_groups if attn_groups is None else attn_groups
         self.add_attention = add_attention

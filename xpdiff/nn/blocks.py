@@ -2,6 +2,8 @@
 
 Names of children are diffusers' (``time_embedding.linear_1``, ``attentions.0.to_q``,
 ``upsamplers.0.conv``, ``resnets.0.norm1``...) so state dicts exchange 1:1.
+Constructors check their arguments as the layers of ``xpdiff.nn.layers`` do, group
+counts dividing channel counts included.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .. import _validation as _v
 from .. import backend
 from ..functional import attention as fatt
 from ..functional import resampling as frs
@@ -44,6 +47,14 @@ class Timesteps(Module):
 
     def __init__(self, num_channels: int, flip_sin_to_cos: bool, downscale_freq_shift: float):
         super().__init__()
+        w = "Timesteps"
+        num_channels = _v.check_int(w, "num_channels", num_channels, min=1)
+        flip_sin_to_cos = _v.check_bool(w, "flip_sin_to_cos", flip_sin_to_cos)
+        downscale_freq_shift = _v.check_float(w, "downscale_freq_shift", downscale_freq_shift)
+        half = num_channels // 2  # the frequencies divide by (half - downscale_freq_shift)
+        if half and downscale_freq_shift == half:
+            raise _v.ArgumentError(f"{w}: expected downscale_freq_shift to differ from "
+                                   f"num_channels // 2 = {half}, got {downscale_freq_shift}")
         self.num_channels = num_channels
         self.flip_sin_to_cos = flip_sin_to_cos
         self.downscale_freq_shift = downscale_freq_shift
@@ -65,6 +76,10 @@ class TimestepEmbedding(Module):
     def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str = "silu", *,
                  dtype: str = "float32", xp: Any = None):
         super().__init__()
+        w = "TimestepEmbedding"
+        in_channels = _v.check_int(w, "in_channels", in_channels, min=1)
+        time_embed_dim = _v.check_int(w, "time_embed_dim", time_embed_dim, min=1)
+        dtype = _v.check_dtype(w, dtype, xp)
         if act_fn != "silu":
             raise ValueError(f"TimestepEmbedding: only act_fn='silu' is supported, got {act_fn!r}")
         self.linear_1 = Linear(in_channels, time_embed_dim, dtype=dtype, xp=xp)
@@ -94,7 +109,21 @@ class Attention(Module):
         dtype: str = "float32", xp: Any = None,
     ):
         super().__init__()
-        _check_layout("Attention", layout)
+        w = "Attention"
+        query_dim = _v.check_int(w, "query_dim", query_dim, min=1)
+        heads = _v.check_int(w, "heads", heads, min=1)
+        dim_head = _v.check_int(w, "dim_head", dim_head, min=1)
+        rescale_output_factor = _v.check_float(w, "rescale_output_factor", rescale_output_factor,
+                                               min=0.0, min_open=True)
+        eps = _v.check_float(w, "eps", eps, min=0.0, min_open=True)
+        norm_num_groups = _v.check_int(w, "norm_num_groups", norm_num_groups, min=1, none=True)
+        if norm_num_groups is not None and query_dim % norm_num_groups:
+            raise _v.ArgumentError(f"{w}: expected norm_num_groups to divide "
+                                   f"query_dim={query_dim}, got {norm_num_groups}")
+        residual_connection = _v.check_bool(w, "residual_connection", residual_connection)
+        bias = _v.check_bool(w, "bias", bias)
+        dtype = _v.check_dtype(w, dtype, xp)
+        _check_layout(w, layout)
         self.layout = layout
         inner = heads * dim_head
         self.query_dim, self.heads, self.dim_head = query_dim, heads, dim_head
@@ -172,7 +201,12 @@ class Upsample2D(Module):
     def __init__(self, channels: int, use_conv: bool = True, out_channels: int | None = None, *,
                  layout: str = "NCHW", dtype: str = "float32", xp: Any = None):
         super().__init__()
-        _check_layout("Upsample2D", layout)
+        w = "Upsample2D"
+        channels = _v.check_int(w, "channels", channels, min=1)
+        use_conv = _v.check_bool(w, "use_conv", use_conv)
+        out_channels = _v.check_int(w, "out_channels", out_channels, min=1, none=True)
+        dtype = _v.check_dtype(w, dtype, xp)
+        _check_layout(w, layout)
         self.channels, self.layout = channels, layout
         out_channels = out_channels or channels
         self.conv = (Conv2d(channels, out_channels, 3, padding=1, layout=layout, dtype=dtype,
@@ -200,6 +234,13 @@ class Downsample2D(Module):
                  padding: int = 1, *, layout: str = "NCHW", dtype: str = "float32",
                  xp: Any = None):
         super().__init__()
+        w = "Downsample2D"
+        channels = _v.check_int(w, "channels", channels, min=1)
+        use_conv = _v.check_bool(w, "use_conv", use_conv)
+        out_channels = _v.check_int(w, "out_channels", out_channels, min=1, none=True)
+        padding = _v.check_int(w, "padding", padding, min=0)
+        dtype = _v.check_dtype(w, dtype, xp)
+        _check_layout(w, layout)
         if not use_conv:
             raise ValueError("Downsample2D: only use_conv=True (a strided conv) is supported")
         if padding != 1:
@@ -232,6 +273,22 @@ class ResnetBlock2D(Module):
         layout: str = "NCHW", dtype: str = "float32", xp: Any = None,
     ):
         super().__init__()
+        w = "ResnetBlock2D"
+        in_channels = _v.check_int(w, "in_channels", in_channels, min=1)
+        out_channels = _v.check_int(w, "out_channels", out_channels, min=1, none=True)
+        temb_channels = _v.check_int(w, "temb_channels", temb_channels, min=1, none=True)
+        groups = _v.check_int(w, "groups", groups, min=1)
+        groups_out = _v.check_int(w, "groups_out", groups_out, min=1, none=True)
+        eps = _v.check_float(w, "eps", eps, min=0.0, min_open=True)
+        output_scale_factor = _v.check_float(w, "output_scale_factor", output_scale_factor,
+                                             min=0.0, min_open=True)
+        dropout = _v.check_float(w, "dropout", dropout, min=0.0, max=1.0)
+        dtype = _v.check_dtype(w, dtype, xp)
+        for key, g, key_c, c in (("groups", groups, "in_channels", in_channels),
+                                 ("groups_out" if groups_out else "groups", groups_out or groups,
+                                  "out_channels", out_channels or in_channels)):
+            if c % g:
+                raise _v.ArgumentError(f"{w}: expected {key} to divide {key_c}={c}, got {g}")
         if non_linearity != "silu":
             raise ValueError(
                 f"ResnetBlock2D: only non_linearity='silu' is supported, got {non_linearity!r}"

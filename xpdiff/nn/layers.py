@@ -3,6 +3,10 @@
 Weights are laid out as in diffusers/PyTorch: Linear (out, in), Conv2d
 (O, C, kh, kw), GroupNorm (C,), Embedding (num, dim).  Every ``backward``
 returns the input gradient and ADDS into ``Parameter.grad``.
+
+Constructors check every argument once (``xpdiff._validation``): a bad size, flag,
+layout or ``dtype`` (``"float32"``, ``"float64"`` or the namespace's own float32 or
+float64) raises ValueError, or TypeError for a wrong type, naming the layer and argument.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .. import _validation as _v
 from .. import backend
 from ..functional import activations as fa
 from ..functional import conv as fc
@@ -44,6 +49,10 @@ class Linear(Module):
         dtype: str = "float32", xp: Any = None,
     ):
         super().__init__()
+        in_features = _v.check_int("Linear", "in_features", in_features, min=1)
+        out_features = _v.check_int("Linear", "out_features", out_features, min=1)
+        bias = _v.check_bool("Linear", "bias", bias)
+        dtype = _v.check_dtype("Linear", dtype, xp)
         self.in_features, self.out_features = in_features, out_features
         bound = 1.0 / math.sqrt(in_features)
         self.weight = Parameter(init.uniform((out_features, in_features), bound, dtype, xp))
@@ -67,8 +76,7 @@ class Linear(Module):
 
 
 def _check_layout(where: str, layout: str) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f"{where}: layout must be one of {LAYOUTS}, got {layout!r}")
+    _v.check_choice(where, "layout", layout, LAYOUTS)
 
 
 def _channel_axis(layout: str) -> int:
@@ -94,7 +102,15 @@ class Conv2d(Module):
         xp: Any = None,
     ):
         super().__init__()
-        _check_layout("Conv2d", layout)
+        w = "Conv2d"
+        in_channels = _v.check_int(w, "in_channels", in_channels, min=1)
+        out_channels = _v.check_int(w, "out_channels", out_channels, min=1)
+        kernel_size = _v.check_int(w, "kernel_size", kernel_size, min=1)
+        stride = _v.check_int(w, "stride", stride, min=1)
+        padding = _v.check_int(w, "padding", padding, min=0)
+        bias = _v.check_bool(w, "bias", bias)
+        dtype = _v.check_dtype(w, dtype, xp)
+        _check_layout(w, layout)
         self.layout = layout
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
@@ -146,12 +162,15 @@ class GroupNorm(Module):
         xp: Any = None,
     ):
         super().__init__()
+        num_groups = _v.check_int("GroupNorm", "num_groups", num_groups, min=1)
+        num_channels = _v.check_int("GroupNorm", "num_channels", num_channels, min=1)
+        eps = _v.check_float("GroupNorm", "eps", eps, min=0.0, min_open=True)
+        affine = _v.check_bool("GroupNorm", "affine", affine)
+        dtype = _v.check_dtype("GroupNorm", dtype, xp)
         _check_layout("GroupNorm", layout)
-        if activation not in (None, "silu"):
-            raise ValueError(
-                f"GroupNorm: activation must be None or 'silu', got {activation!r}")
+        _v.check_choice("GroupNorm", "activation", activation, (None, "silu"))
         self.layout, self.activation = layout, activation
-        if num_groups <= 0 or num_channels % num_groups:
+        if num_channels % num_groups:
             raise ValueError(
                 f"GroupNorm: num_groups must divide num_channels, got num_groups={num_groups} "
                 f"and num_channels={num_channels}"
@@ -225,6 +244,7 @@ class Dropout(Identity):
 
     def __init__(self, p: float = 0.0):
         super().__init__()
+        p = _v.check_float("Dropout", "p", p, min=0.0, max=1.0)
         if p != 0.0:
             raise ValueError(f"Dropout: only p=0.0 is supported, got p={p}")
         self.p = p
@@ -240,6 +260,9 @@ class Embedding(Module):
         self, num_embeddings: int, embedding_dim: int, *, dtype: str = "float32", xp: Any = None
     ):
         super().__init__()
+        num_embeddings = _v.check_int("Embedding", "num_embeddings", num_embeddings, min=1)
+        embedding_dim = _v.check_int("Embedding", "embedding_dim", embedding_dim, min=1)
+        dtype = _v.check_dtype("Embedding", dtype, xp)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.weight = Parameter(init.normal((num_embeddings, embedding_dim), 1.0, dtype, xp))
 
