@@ -47,22 +47,22 @@ def conv_output_size(size: int, k: int, stride: int, pad: int) -> int:
     return (size + 2 * pad - k) // stride + 1
 
 
+def _permuted_copy(x: Any, order: tuple[int, ...]) -> Any:
+    """A contiguous copy of ``x`` with its axes in ``order``."""
+    xp = backend.get_namespace(x)
+    out = xp.empty(tuple(x.shape[i] for i in order), dtype=x.dtype, device=backend.device(x))
+    out[...] = xp.permute_dims(x, order)
+    return out
+
+
 def to_channels_last(x: Any) -> Any:
     """(B, C, H, W) -> (B, H, W, C), as a contiguous copy."""
-    xp = backend.get_namespace(x)
-    B, C, H, W = x.shape
-    out = xp.empty((B, H, W, C), dtype=x.dtype, device=backend.device(x))
-    out[...] = xp.permute_dims(x, (0, 2, 3, 1))
-    return out
+    return _permuted_copy(x, (0, 2, 3, 1))
 
 
 def to_channels_first(x: Any) -> Any:
     """(B, H, W, C) -> (B, C, H, W), as a contiguous copy."""
-    xp = backend.get_namespace(x)
-    B, H, W, C = x.shape
-    out = xp.empty((B, C, H, W), dtype=x.dtype, device=backend.device(x))
-    out[...] = xp.permute_dims(x, (0, 3, 1, 2))
-    return out
+    return _permuted_copy(x, (0, 3, 1, 2))
 
 
 def pad2d(x: Any, pad: int) -> Any:
