@@ -106,7 +106,7 @@ def run_against_diffusers(kw: dict, steps: int, xp=None, dtype=np.float32, atol=
     ours, theirs = DPMSolverMultistepScheduler(**kw), diffusers.DPMSolverMultistepScheduler(**kw)
     ours.set_timesteps(steps)
     theirs.set_timesteps(steps)
-    assert ours.timesteps == theirs.timesteps.tolist()
+    assert ours.timesteps.tolist() == theirs.timesteps.tolist()
     np.testing.assert_allclose(
         np.asarray(ours.sigmas, np.float32), theirs.sigmas.numpy(), rtol=1.2e-7, atol=0
     )
@@ -302,7 +302,7 @@ def test_first_order_is_ddim():
     ddim = DDIMScheduler(clip_sample=False, timestep_spacing="trailing")
     dpm.set_timesteps(20)
     ddim.set_timesteps(20)
-    assert dpm.timesteps == ddim.timesteps
+    assert dpm.timesteps.tolist() == ddim.timesteps.tolist()
     model = FakeModel("epsilon", dpm.alphas_cumprod, 1000)
     a = b = np.random.default_rng(2).standard_normal(SHAPE).astype(np.float32)
     for t in dpm.timesteps:
@@ -377,7 +377,7 @@ def test_timesteps_of_each_spacing():
     def steps(spacing, n, **kw):
         s = DPMSolverMultistepScheduler(timestep_spacing=spacing, **kw)
         s.set_timesteps(n)
-        return s.timesteps
+        return s.timesteps.tolist()
 
     assert steps("linspace", 4) == [999, 749, 500, 250]
     assert steps("leading", 4) == [800, 600, 400, 200]
@@ -401,7 +401,7 @@ def test_timesteps_of_each_spacing():
         ),
         (dict(solver_type="bh2"), r"expected solver_type to be one of 'midpoint', 'heun', got"),
         (dict(solver_order=3), r"expected solver_order to be 1 or 2 .*got 3"),
-        (dict(solver_order=True), r"expected solver_order to be 1 or 2 .*got True"),
+        (dict(solver_order=True), r"expected solver_order to be an integer, got True"),
         (dict(use_karras_sigmas=True), r"use_karras_sigmas=True is not supported \(only False"),
         (
             dict(final_sigmas_type="max"),
@@ -413,22 +413,25 @@ def test_timesteps_of_each_spacing():
             r"expected prediction_type to be one of .*got 'flow_prediction'",
         ),
         (dict(beta_schedule="cosine"), r"expected beta_schedule to be one of"),
-        (dict(thresholding="yes"), r"expected thresholding to be a bool, got 'yes'"),
-        (dict(lower_order_final=1), r"expected lower_order_final to be a bool, got 1"),
-        (dict(dynamic_thresholding_ratio=0), r"expected dynamic_thresholding_ratio in \(0, 1\]"),
+        (dict(thresholding="yes"), r"expected thresholding to be True or False, got 'yes'"),
+        (dict(lower_order_final=1), r"expected lower_order_final to be True or False, got 1"),
+        (
+            dict(dynamic_thresholding_ratio=0),
+            r"expected dynamic_thresholding_ratio to be a finite number > 0.0 and <= 1.0",
+        ),
         (
             dict(dynamic_thresholding_ratio=1.5),
-            r"expected dynamic_thresholding_ratio in \(0, 1\], got 1.5",
+            r"expected dynamic_thresholding_ratio to be .* <= 1.0, got 1.5",
         ),
-        (dict(sample_max_value=0.0), r"expected sample_max_value > 0, got 0.0"),
+        (dict(sample_max_value=0.0), r"expected sample_max_value to be .* > 0.0, got 0.0"),
         (dict(trained_betas=[0.1, 0.2]), r"expected 1000 trained_betas .*got 2"),
         (dict(trained_betas="abc"), r"expected trained_betas to be None or a sequence"),
         (
             dict(trained_betas=[0.5, 1.0], num_train_timesteps=2),
             r"expected every beta in \(0, 1\), got 1.0 from trained_betas",
         ),
-        (dict(num_train_timesteps=0), r"expected num_train_timesteps to be an int >= 1"),
-        (dict(steps_offset=-1), r"expected steps_offset to be an int >= 0"),
+        (dict(num_train_timesteps=0), r"expected num_train_timesteps to be an integer >= 1"),
+        (dict(steps_offset=-1), r"expected steps_offset to be an integer >= 0"),
     ],
 )
 def test_bad_constructor_arguments(kw, match):
@@ -443,7 +446,7 @@ def test_step_errors():
         sched.step(x, 999, x)
     with pytest.raises(ValueError, match=r"previous_timestep: expected set_timesteps"):
         sched.previous_timestep(999)
-    with pytest.raises(ValueError, match=r"an int in \[1, num_train_timesteps=1000\], got 0"):
+    with pytest.raises(ValueError, match=r"num_inference_steps to be an integer >= 1 and <= 1000"):
         sched.set_timesteps(0)
     with pytest.raises(ValueError, match=r"steps_offset=900 with 4 steps gives timestep 1700"):
         DPMSolverMultistepScheduler(timestep_spacing="leading", steps_offset=900).set_timesteps(4)
@@ -452,11 +455,11 @@ def test_step_errors():
         sched.step(x, 500, x)
     with pytest.raises(ValueError, match=r"timestep 1000 is out of range"):
         sched.step(x, 1000, x)
-    with pytest.raises(ValueError, match=r"expected an integer timestep, got 999.0"):
+    with pytest.raises(ValueError, match=r"expected an integer timestep .*got 999.0"):
         sched.step(x, 999.0, x)
     with pytest.raises(ValueError, match=r"expected model_output of shape \(2, 1, 4, 4\)"):
         sched.step(x[:1], 999, x)
-    with pytest.raises(ValueError, match="at most one of generator and noise"):
+    with pytest.raises(ValueError, match="at most one of generator and variance_noise"):
         sched.step(x, 999, x, generator=backend.Generator(0), variance_noise=x)
     sched.step(x, sched.timesteps[0], x)
     with pytest.raises(ValueError, match=r"expected timestep 666 \(step 1 of 3; .*got 999"):
@@ -524,15 +527,16 @@ def test_diffusers_reads_our_file_and_we_read_theirs(tmp_path):
     assert DPMSolverMultistepScheduler.from_pretrained(tmp_path / "theirs").config == ours.config
 
 
-def test_config_errors():
+def test_config_errors(caplog):
     with pytest.raises(ValueError, match=r"use_lu_lambdas=True is not supported"):
         DPMSolverMultistepScheduler.from_config({"use_lu_lambdas": True})
     with pytest.raises(ValueError, match=r"lambda_min_clipped=-5.1 is not supported"):
         DPMSolverMultistepScheduler.from_config({"lambda_min_clipped": -5.1})
     with pytest.raises(ValueError, match=r"euler_at_final=True is not supported"):
         DPMSolverMultistepScheduler.from_config({"euler_at_final": True})
-    with pytest.raises(ValueError, match=r"unknown config keys \['colour'\]"):
+    with caplog.at_level("WARNING", logger="xpdiff"):
         DPMSolverMultistepScheduler.from_config({"colour": "red"})
+    assert "ignoring config keys ['colour']" in caplog.records[0].getMessage()
     ok = DPMSolverMultistepScheduler.from_config(
         {"lambda_min_clipped": -math.inf, "variance_type": None, "flow_shift": 3.0}
     )
@@ -586,7 +590,7 @@ def test_generate_with_dpm_solver(xp):
     assert backend.dtype_name(res.images.dtype) == "float32"
     a = _np(res.images)
     assert np.all(np.isfinite(a)) and a.min() >= -1.0 and a.max() <= 1.0
-    assert res.timesteps == sched.timesteps and len(res.trajectory) == 6
+    assert res.timesteps == sched.timesteps.tolist() and len(res.trajectory) == 6
     # the same scheduler object again: set_timesteps restarts the multistep chain
     again = generate(model, sched, [0, 1, 2], **kw)
     assert np.array_equal(_np(again.images), a)

@@ -107,7 +107,7 @@ def run_against_diffusers(
     if num_inference_steps is not None:
         ours.set_timesteps(num_inference_steps)
         theirs.set_timesteps(num_inference_steps)
-    assert ours.timesteps == theirs.timesteps.tolist()
+    assert ours.timesteps.tolist() == theirs.timesteps.tolist()
     model = FakeModel(ours.config["prediction_type"], theirs.alphas_cumprod, len(ours))
     x, rng = _start(dtype=dtype)
     x_ours = backend.asarray(x, xp)
@@ -125,13 +125,16 @@ def run_against_diffusers(
         noise = backend.asarray(z, xp)
         if eta is None:
             box["noise"] = torch.from_numpy(z.copy())
-            res = ours.step(out_ours, t, x_ours, noise=noise)
+            res = ours.step(out_ours, t, x_ours, variance_noise=noise)
             ref = theirs.step(out_theirs, t, x_theirs)
         else:
-            res = ours.step(out_ours, t, x_ours, eta=eta, noise=noise, **step_kwargs)
-            ref = theirs.step(
-                out_theirs, t, x_theirs, eta=eta, variance_noise=torch.from_numpy(z), **step_kwargs
-            )
+            res = ours.step(out_ours, t, x_ours, eta=eta, variance_noise=noise, **step_kwargs)
+            if theirs_prev(theirs, t) == ours.previous_timestep(t):
+                ref = theirs.step(out_theirs, t, x_theirs, eta=eta,
+                                  variance_noise=torch.from_numpy(z), **step_kwargs)
+            else:  # diffusers leaves the grid here (see ddim_reference_step): the formula
+                ref = ddim_reference_step(ours, _np(out_ours), t, _np(x_ours), eta, z,
+                                          **step_kwargs)
         _same_kind(res.prev_sample, x_ours)
         _same_kind(res.pred_original_sample, x_ours)
         # float32 agreement: 1e-5 absolute, relative where values exceed 1
@@ -152,6 +155,45 @@ def run_against_diffusers(
         x_ours, x_theirs = res.prev_sample, ref.prev_sample
     assert np.all(np.isfinite(_np(x_ours)))
     return worst
+
+
+def theirs_prev(theirs, t: int) -> int:
+    """The timestep diffusers' DDIM steps to from ``t``: t - T // n on every spacing."""
+    return int(t) - theirs.config.num_train_timesteps // theirs.num_inference_steps
+
+
+def ddim_reference_step(ours, out, t, x, eta, z, use_clipped_model_output=False):
+    """DDIM's eq. 12 in float64 from ``t`` to the next grid entry (xpdiff's rule).
+
+    Used where diffusers' DDIM lands off the grid (``t - T // n`` for ``trailing`` and
+    ``linspace`` spacings, reported upstream), so diffusers cannot be the oracle there.
+    Returns torch tensors in the sample's dtype, like diffusers' step.
+    """
+    import torch
+
+    cfg, t = ours.config, int(t)
+    t_prev = ours.previous_timestep(t)
+    abar = [float(a) for a in ours.alphas_cumprod]
+    a_t = abar[t]
+    a_p = abar[t_prev] if t_prev >= 0 else float(ours.final_alpha_cumprod)
+    x, out = x.astype(np.float64), out.astype(np.float64)
+    sa, sb = math.sqrt(a_t), math.sqrt(1 - a_t)
+    if cfg.prediction_type == "epsilon":
+        x0, eps = (x - sb * out) / sa, out
+    elif cfg.prediction_type == "v_prediction":
+        x0, eps = sa * x - sb * out, sa * out + sb * x
+    else:
+        x0, eps = out, (x - sa * out) / sb
+    if cfg.clip_sample:
+        x0 = np.clip(x0, -cfg.clip_sample_range, cfg.clip_sample_range)
+    if use_clipped_model_output:
+        eps = (x - sa * x0) / sb
+    sigma = eta * math.sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))
+    prev = math.sqrt(a_p) * x0 + math.sqrt(max(1 - a_p - sigma**2, 0.0)) * eps
+    if eta > 0:
+        prev = prev + sigma * z.astype(np.float64)
+    dt = z.dtype
+    return SchedulerOutput(torch.from_numpy(prev.astype(dt)), torch.from_numpy(x0.astype(dt)))
 
 
 # ---------------------------------------------------------------------------
@@ -190,7 +232,7 @@ def test_set_timesteps_equal_diffusers(cls_name, spacing, offset, n_train):
     kw = dict(num_train_timesteps=n_train, timestep_spacing=spacing, steps_offset=offset)
     ours = {"DDPMScheduler": DDPMScheduler, "DDIMScheduler": DDIMScheduler}[cls_name](**kw)
     theirs = getattr(diffusers, cls_name)(**kw)
-    assert ours.timesteps == theirs.timesteps.tolist()  # before set_timesteps: all steps
+    assert ours.timesteps.tolist() == theirs.timesteps.tolist()  # before set_timesteps: all steps
     for n in range(1, n_train + 1):
         theirs.set_timesteps(n)
         expected = theirs.timesteps.tolist()
@@ -199,9 +241,12 @@ def test_set_timesteps_equal_diffusers(cls_name, spacing, offset, n_train):
                 ours.set_timesteps(n)
             continue
         ours.set_timesteps(n)
-        assert ours.timesteps == expected, n
+        if spacing != "trailing" or len(expected) == n:
+            assert ours.timesteps.tolist() == expected, n
+        else:  # diffusers keeps NumPy arange's extra entry (issue 12, 3a): drop it
+            assert ours.timesteps.tolist() == expected[:n] and expected[n] < 0, n
         assert ours.num_inference_steps == n
-        assert all(type(t) is int for t in ours.timesteps)
+        assert backend.dtype_name(ours.timesteps.dtype) == "int64"
 
 
 # ---------------------------------------------------------------------------
@@ -427,7 +472,7 @@ def test_step_keeps_namespace_dtype_device(xp, device_f32, cls, dtype_name):
     out = sched.step(0.5 * sample, sched.timesteps[0], sample, **kwargs)
     _same_kind(out.prev_sample, sample)
     prev, x0 = sched.step(
-        0.5 * sample, sched.timesteps[0], sample, noise=sample, return_dict=False, **kwargs
+        0.5 * sample, sched.timesteps[0], sample, variance_noise=sample, return_dict=False, **kwargs
     )
     _same_kind(prev, sample)
 
@@ -465,12 +510,12 @@ def test_ddpm_previous_timestep_follows_inference_steps():
     sched = DDPMScheduler()
     assert sched.previous_timestep(999) == 998
     sched.set_timesteps(50)
-    assert sched.timesteps[:3] == [980, 960, 940]
+    assert sched.timesteps[:3].tolist() == [980, 960, 940]
     assert sched.previous_timestep(980) == 960
     assert sched.previous_timestep(0) == -1
     ddim = DDIMScheduler(timestep_spacing="trailing")
     ddim.set_timesteps(50)
-    assert ddim.timesteps[:2] == [999, 979]
+    assert ddim.timesteps[:2].tolist() == [999, 979]
     assert ddim.previous_timestep(999) == 979
 
 
@@ -478,8 +523,8 @@ def test_ddpm_last_step_adds_no_noise():
     sched = DDPMScheduler()
     sched.set_timesteps(10)
     x, _ = _start()
-    a = sched.step(0.1 * x, 0, x, noise=np.zeros_like(x)).prev_sample
-    b = sched.step(0.1 * x, 0, x, noise=np.ones_like(x)).prev_sample
+    a = sched.step(0.1 * x, 0, x, variance_noise=np.zeros_like(x)).prev_sample
+    b = sched.step(0.1 * x, 0, x, variance_noise=np.ones_like(x)).prev_sample
     assert np.array_equal(a, b)
 
 
@@ -488,7 +533,11 @@ def test_ddim_eta0_is_deterministic_and_ignores_noise():
     sched.set_timesteps(10)
     x, _ = _start()
     a = sched.step(0.1 * x, 900, x).prev_sample
-    b = sched.step(0.1 * x, 900, x, noise=np.ones_like(x)).prev_sample
+    b = sched.step(0.1 * x, 900, x, variance_noise=np.ones_like(x)).prev_sample
+    # diffusers' positional order: eta, use_clipped_model_output, generator, variance_noise
+    c = sched.step(0.1 * x, 900, x, 0.0, True, None, np.ones_like(x), False)[0]
+    d = sched.step(0.1 * x, 900, x, eta=0.0, use_clipped_model_output=True).prev_sample
+    assert np.array_equal(c, d) and not np.array_equal(a, c)
     assert np.array_equal(a, b)
 
 
@@ -502,10 +551,10 @@ def test_ddim_eta0_is_deterministic_and_ignores_noise():
         (dict(beta_schedule="cosine"), r"beta_schedule .*'linear', 'scaled_linear'.*got 'cosine'"),
         (dict(prediction_type="eps"), r"prediction_type .*'epsilon'.*got 'eps'"),
         (dict(timestep_spacing="even"), r"timestep_spacing .*'leading'.*got 'even'"),
-        (dict(num_train_timesteps=0), r"num_train_timesteps to be an int >= 1, got 0"),
+        (dict(num_train_timesteps=0), r"num_train_timesteps to be an integer >= 1, got 0"),
         (dict(steps_offset=-1), r"steps_offset .* got -1"),
         (dict(beta_end=1.5), r"every beta in \(0, 1\)"),
-        (dict(clip_sample_range=0.0), r"clip_sample_range > 0"),
+        (dict(clip_sample_range=0.0), r"clip_sample_range to be a finite number > 0.0"),
     ],
 )
 def test_bad_constructor_arguments(cls, kw, match):
@@ -516,9 +565,9 @@ def test_bad_constructor_arguments(cls, kw, match):
 def test_bad_variance_type_and_flags():
     with pytest.raises(ValueError, match=r"DDPMScheduler: expected variance_type .*'fixed_small'"):
         DDPMScheduler(variance_type="learned")
-    with pytest.raises(TypeError, match="clip_sample to be a bool, got 'yes'"):
+    with pytest.raises(TypeError, match="clip_sample to be True or False, got 'yes'"):
         DDPMScheduler(clip_sample="yes")
-    with pytest.raises(TypeError, match="set_alpha_to_one to be a bool"):
+    with pytest.raises(TypeError, match="set_alpha_to_one to be True or False"):
         DDIMScheduler(set_alpha_to_one=1)
 
 
@@ -529,7 +578,7 @@ def test_bad_set_timesteps(cls):
         with pytest.raises(
             ValueError,
             match=rf"{cls.__name__}.set_timesteps: expected "
-            rf"num_inference_steps .*\[1, num_train_timesteps=1000\], got {bad}",
+            rf"num_inference_steps to be an integer >= 1 and <= 1000, got {bad}",
         ):
             sched.set_timesteps(bad)
     with pytest.raises(ValueError, match="steps_offset=1 with 1000 steps gives timestep 1000"):
@@ -548,16 +597,16 @@ def test_step_errors():
         ddim.step(x, 1000, x)
     with pytest.raises(ValueError, match=r"timestep -1 is out of range"):
         ddim.step(x, -1, x)
-    with pytest.raises(ValueError, match="expected an integer timestep, got 5.0"):
+    with pytest.raises(ValueError, match="expected an integer timestep .*got 5.0"):
         ddim.step(x, 5.0, x)
     with pytest.raises(ValueError, match="expected eta to be a finite number >= 0.0, got -0.1"):
         ddim.step(x, 900, x, eta=-0.1)
     with pytest.raises(ValueError, match=r"expected model_output of shape \(2, 1, 4, 4\)"):
         ddim.step(x[:1], 900, x)
-    with pytest.raises(ValueError, match="at most one of generator and noise, got both"):
-        ddim.step(x, 900, x, eta=1.0, noise=x, generator=backend.Generator(0))
-    with pytest.raises(ValueError, match=r"expected noise of shape \(2, 1, 4, 4\), got \(1, 1"):
-        ddim.step(x, 900, x, eta=1.0, noise=x[:1])
+    with pytest.raises(ValueError, match="at most one of generator and variance_noise, got both"):
+        ddim.step(x, 900, x, eta=1.0, variance_noise=x, generator=backend.Generator(0))
+    with pytest.raises(ValueError, match=r"expected variance_noise of shape \(2, 1, 4, 4\), got"):
+        ddim.step(x, 900, x, eta=1.0, variance_noise=x[:1])
     with pytest.raises(ValueError, match="expected a floating sample"):
         ddim.step(x.astype(np.int64), 900, x.astype(np.int64))
 
@@ -609,9 +658,12 @@ def test_config_round_trip(cls, tmp_path):
     assert cls.from_pretrained(tmp_path, subfolder="sched").config == sched.config
     assert cls.from_config(sched.to_json_dict()).config == sched.config
     assert cls.from_config(sched.config, steps_offset=0).config["steps_offset"] == 0
-    cfg = sched.config
-    cfg["steps_offset"] = 7  # a copy: the scheduler is unchanged
-    assert sched.config["steps_offset"] == 1
+    assert sched.config.steps_offset == sched.config["steps_offset"] == 1
+    with pytest.raises(TypeError):
+        sched.config["steps_offset"] = 7  # read-only
+    with pytest.raises(AttributeError, match="read-only"):
+        sched.config.steps_offset = 7
+    assert sched.config.steps_offset == 1
 
 
 @pytest.mark.parametrize("cls_name", ["DDPMScheduler", "DDIMScheduler"])
@@ -639,26 +691,43 @@ def test_diffusers_reads_our_file_and_we_read_theirs(cls_name, tmp_path):
     assert ours_cls.from_config(theirs_cls(**kw).config).config == ours.config
 
 
-def test_config_errors(tmp_path):
-    with pytest.raises(
-        ValueError,
-        match=r"DDPMScheduler.from_config: unknown config keys "
-        r"\['set_alpha_to_one'\] \(config was saved by DDIMScheduler\)",
-    ):
-        DDPMScheduler.from_config(DDIMScheduler().to_json_dict())
-    with pytest.raises(ValueError, match=r"unknown config keys \['colour'\]"):
-        DDIMScheduler.from_config({"colour": "red"})
+def test_config_errors(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="xpdiff"):
+        ddpm = DDPMScheduler.from_config(DDIMScheduler(num_train_timesteps=50).to_json_dict())
+        DDIMScheduler.from_config({"colour": "red", "shade": 1})
+    assert ddpm.config.num_train_timesteps == 50
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2
+    assert "ignoring config keys ['set_alpha_to_one'] (saved by DDIMScheduler)" in warned[0]
+    assert "['colour', 'shade']" in warned[1]
     with pytest.raises(ValueError, match=r"thresholding=True is not supported"):
         DDIMScheduler.from_config({"thresholding": True})
     with pytest.raises(ValueError, match=r"trained_betas=\[0.1\] is not supported"):
         DDPMScheduler.from_config({"trained_betas": [0.1]})
+    with pytest.raises(ValueError, match=r"expected beta_schedule to be one of"):
+        DDIMScheduler.from_config(DDPMScheduler().config, beta_schedule="cosine")
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['colour'\]"):
+        DDIMScheduler.from_config({}, colour="red")
     with pytest.raises(
         FileNotFoundError, match="DDPMScheduler.from_pretrained: no scheduler_config"
     ):
         DDPMScheduler.from_pretrained(tmp_path)
     (tmp_path / CONFIG_NAME).write_text("{not json")
-    with pytest.raises(ValueError, match="is not JSON"):
+    with pytest.raises(ValueError, match="not valid JSON"):
         DDPMScheduler.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("src", [DDPMScheduler, DDIMScheduler])
+@pytest.mark.parametrize("dst", [DDPMScheduler, DDIMScheduler])
+def test_scheduler_swap_idiom(src, dst, tmp_path):
+    """diffusers' ``Other.from_config(sched.config)``, also from a saved training run."""
+    sched = src(num_train_timesteps=200, beta_schedule="squaredcos_cap_v2", clip_sample=False)
+    swapped = dst.from_config(sched.config)
+    for key in ("num_train_timesteps", "beta_schedule", "clip_sample"):
+        assert swapped.config[key] == sched.config[key]
+    sched.save_pretrained(tmp_path / "scheduler")
+    loaded = dst.from_pretrained(tmp_path, subfolder="scheduler")
+    assert loaded.alphas_cumprod == sched.alphas_cumprod
 
 
 def test_scheduler_modules_import_no_array_library():
@@ -681,3 +750,116 @@ def test_scheduler_modules_import_no_array_library():
             else:
                 continue
             assert not {"numpy", "cupy", "torch"} & set(roots), f"{name} imports {roots}"
+
+
+# ---------------------------------------------------------------------------
+# numerics (issue 12, section 3)
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", [DDPMScheduler, DDIMScheduler])
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("n_train", [1, 2, 7, 17, 50, 100, 143, 1000])
+def test_every_grid_has_n_distinct_descending_timesteps(cls, spacing, n_train):
+    sched = cls(num_train_timesteps=n_train, timestep_spacing=spacing, beta_end=0.002)
+    for n in range(1, n_train + 1):
+        sched.set_timesteps(n)
+        steps = sched.timesteps.tolist()
+        assert len(steps) == n == sched.num_inference_steps, (n, steps)
+        assert all(a > b for a, b in zip(steps[:-1], steps[1:], strict=True)), (n, steps)
+        assert 0 <= steps[-1] and steps[0] < n_train, (n, steps)
+        assert [sched.previous_timestep(t) for t in steps] == [*steps[1:], -1]
+
+
+def test_trailing_grid_of_issue():
+    sched = DDIMScheduler(num_train_timesteps=17, timestep_spacing="trailing")
+    sched.set_timesteps(7)
+    assert sched.timesteps.tolist() == [16, 14, 11, 9, 6, 4, 1]
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("n", [1, 3, 5, 7, 50])
+def test_ddim_with_the_exact_noise_returns_to_x0(spacing, n):
+    """A model predicting the true noise takes DDIM (eta = 0) to x_0 on every spacing."""
+    sched = DDIMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2",
+                          clip_sample=False, timestep_spacing=spacing)
+    sched.set_timesteps(n)
+    x0 = np.linspace(-0.9, 0.9, 16, dtype=np.float64).reshape(1, 1, 4, 4)
+    eps = np.cos(np.arange(16, dtype=np.float64)).reshape(1, 1, 4, 4)
+    abar = sched.alphas_cumprod
+    t0 = int(sched.timesteps[0])
+    x = math.sqrt(abar[t0]) * x0 + math.sqrt(1 - abar[t0]) * eps
+    for t in sched.timesteps:
+        x = sched.step(eps, t, x).prev_sample
+        t_prev = sched.previous_timestep(t)
+        if t_prev >= 0:  # on the forward process of the same x_0 and eps
+            want = math.sqrt(abar[t_prev]) * x0 + math.sqrt(1 - abar[t_prev]) * eps
+            np.testing.assert_allclose(x, want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(x, x0, rtol=0, atol=1e-5)
+
+
+def test_ddim_step_lands_on_the_grid_value_of_issue():
+    sched = DDIMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2",
+                          clip_sample=False, timestep_spacing="linspace")
+    sched.set_timesteps(5)
+    assert sched.timesteps.tolist() == [99, 74, 50, 25, 0]
+    assert [sched.previous_timestep(t) for t in sched.timesteps] == [74, 50, 25, 0, -1]
+    a = sched.alphas_cumprod[99]
+    x = np.full((1, 1), math.sqrt(a) * 0.5 + math.sqrt(1 - a), dtype=np.float32)
+    prev = sched.step(np.ones_like(x), 99, x).prev_sample
+    assert float(prev[0, 0]) == pytest.approx(1.11497, abs=1e-5)  # abar_74, not abar_79
+
+
+TIMESTEP_FORMS = {
+    "int": lambda t: t,
+    "numpy int": lambda t: np.int64(t),
+    "list of numpy int": lambda t: [np.int64(t)],
+    "list of int": lambda t: [t],
+    "0-d array": lambda t: np.array(t),
+    "1-d array": lambda t: np.array([t], dtype=np.int32),
+}
+
+
+@pytest.mark.parametrize("form", TIMESTEP_FORMS)
+def test_integer_like_timesteps_everywhere(form):
+    make = TIMESTEP_FORMS[form]
+    sched = DDPMScheduler()
+    x = np.ones((1, 1, 2, 2), dtype=np.float32)
+    abar = sched.alphas_cumprod[5]
+    want = math.sqrt(abar) + math.sqrt(1 - abar)
+    assert want == pytest.approx(1.029525, abs=1e-6)
+    np.testing.assert_allclose(sched.add_noise(x, x, make(5)), want, rtol=1e-6)
+    np.testing.assert_allclose(sched.get_velocity(x, x, make(5)),
+                               math.sqrt(abar) - math.sqrt(1 - abar), rtol=1e-5)
+    ddim = DDIMScheduler()
+    ddim.set_timesteps(10)
+    t = int(ddim.timesteps[3])
+    if form not in ("list of numpy int", "list of int"):  # step takes one timestep
+        ref = ddim.step(0.1 * x, t, x).prev_sample
+        np.testing.assert_array_equal(ddim.step(0.1 * x, make(t), x).prev_sample, ref)
+        sched.step(0.1 * x, make(5), x, variance_noise=x)
+
+
+def test_integer_like_timesteps_of_torch():
+    torch = pytest.importorskip("torch")
+    sched = DDPMScheduler()
+    x = np.ones((2, 1, 2, 2), dtype=np.float32)
+    ref = sched.add_noise(x, x, [5, 7])
+    np.testing.assert_array_equal(sched.add_noise(x, x, torch.tensor([5, 7])), ref)
+    np.testing.assert_array_equal(sched.add_noise(x, x, [torch.tensor(5), np.int16(7)]), ref)
+    sched.set_timesteps(10)
+    sched.step(0.1 * x, torch.tensor(sched.timesteps[0]), x, variance_noise=x)
+
+
+@pytest.mark.parametrize("cls", [DDPMScheduler, DDIMScheduler])
+@pytest.mark.parametrize("kw, first", [
+    (dict(num_train_timesteps=143, beta_end=0.9), 141),
+    (dict(beta_end=0.25), None),
+])
+def test_zero_terminal_snr_is_refused(cls, kw, first):
+    with pytest.raises(ValueError, match=r"zero terminal SNR: float32 alphas_cumprod rounds to "
+                                         r"0 from t = (\d+)") as info:
+        cls(**kw)
+    assert "beta_schedule='linear'" in str(info.value)
+    if first is not None:
+        assert f"t = {first} " in str(info.value)
+    with pytest.raises(ValueError, match="rescale_betas_zero_snr=True is not supported"):
+        cls.from_config({"rescale_betas_zero_snr": True})

@@ -243,6 +243,42 @@ def dtype_name(dtype: Any) -> str:
     return s.rsplit(".", 1)[-1].replace("'>", "").replace("dtype('", "").replace("')", "")
 
 
+#: safetensors dtype codes readable by ``host_from_tensor_bytes`` -> NumPy dtype (little endian)
+_SAFETENSORS_DTYPES = {
+    "F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+    "I8": "i1", "U8": "u1", "BOOL": "?",
+}
+
+
+def host_from_tensor_bytes(buf: bytes | memoryview, code: str,
+                           shape: tuple[int, ...]) -> np.ndarray:
+    """A host (NumPy) array of ``shape`` from the raw little-endian bytes of one
+    safetensors tensor of dtype ``code`` (``"F32"``, ``"F16"``, ``"BF16"``, ...).
+
+    NumPy has no bfloat16: ``"BF16"`` values come out as float32, exactly (a bfloat16
+    is the upper 16 bits of a float32, so the bits are shifted into place).
+
+    Raises:
+        ValueError: an unknown dtype code, or a byte count that does not fit ``shape``.
+    """
+    count = 1
+    for n in shape:
+        count *= n
+    if code == "BF16":
+        if len(buf) != 2 * count:
+            raise ValueError(f"expected {2 * count} bytes for BF16 {shape}, got {len(buf)}")
+        bits = np.frombuffer(buf, dtype="<u2").astype(np.uint32) << 16
+        return bits.view(np.float32).reshape(shape)
+    if code not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"unsupported safetensors dtype {code!r}; expected one of "
+                         f"{sorted(_SAFETENSORS_DTYPES) + ['BF16']}")
+    dtype = np.dtype(_SAFETENSORS_DTYPES[code])
+    if len(buf) != dtype.itemsize * count:
+        raise ValueError(f"expected {dtype.itemsize * count} bytes for {code} {shape}, "
+                         f"got {len(buf)}")
+    return np.frombuffer(buf, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+
+
 # ---------------------------------------------------------------------------
 # sliding windows (im2col support)
 # ---------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """Files in diffusers' layout: config.json + diffusion_pytorch_model.safetensors.
 
+Config files are read and written by ``xpdiff.configuration`` (the one config
+mechanism); this module holds the JSON and safetensors files underneath.
+
 Writes are atomic: each file is written to a temporary name in the same folder,
 flushed to disk, then renamed over the target, so an interrupted save never
 leaves a half-written checkpoint behind.  The file gets the permissions a plain
@@ -21,10 +24,12 @@ __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "atomic_write",
-    "load_config",
+    "load_json",
     "load_safetensors",
-    "save_config",
+    "load_weights",
+    "save_json",
     "save_safetensors",
+    "weights_name",
 ]
 
 CONFIG_NAME = "config.json"
@@ -102,45 +107,71 @@ def save_safetensors(
 def load_safetensors(path: str | os.PathLike) -> dict[str, Any]:
     """Read a safetensors file into host (NumPy) arrays.
 
+    float16 tensors stay float16; bfloat16 ones (which NumPy lacks) come out as float32
+    with the same values.  Loading into a model casts to its dtype.
+
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: a truncated or corrupt file; the message names it.
+        ValueError: a truncated or corrupt file, or an unsupported dtype; the message
+            names the file.
     """
-    from safetensors.numpy import load_file
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"expected a safetensors file at {path}, found nothing")
+    data = path.read_bytes()
     try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise
-    except Exception as err:  # safetensors' own error type, or a decoding error
+        if len(data) < 8:
+            raise ValueError("shorter than its 8-byte header length")
+        n = int.from_bytes(data[:8], "little")
+        if n > len(data) - 8:
+            raise ValueError(f"header of {n} bytes does not fit in {len(data)} bytes")
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        body = memoryview(data)[8 + n :]
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            if not 0 <= start <= end <= len(body):
+                raise ValueError(f"tensor {name!r} lies outside the file")
+            out[name] = backend.host_from_tensor_bytes(
+                body[start:end], info["dtype"], tuple(info["shape"]))
+        return out
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
 
 
-def save_config(config: dict, directory: str | os.PathLike, class_name: str,
-                name: str = CONFIG_NAME) -> None:
-    """Write ``config`` plus ``_class_name`` as ``directory/name``."""
-    from . import __version__
-
-    out = dict(config)
-    out["_class_name"] = class_name
-    out["_xpdiff_version"] = __version__
-    save_json(out, Path(directory) / name)
+def weights_name(variant: str | None = None) -> str:
+    """The weights file name: ``diffusion_pytorch_model[.<variant>].safetensors``."""
+    if variant is None:
+        return WEIGHTS_NAME
+    stem, ext = WEIGHTS_NAME.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
 
 
-def load_config(directory: str | os.PathLike, known: set[str], where: str,
-                name: str = CONFIG_NAME) -> dict:
-    """Read ``directory/name``; drop bookkeeping keys (``_...``); reject unknown keys."""
-    cfg = load_json(Path(directory) / name)
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{where}: expected a JSON object in {Path(directory) / name}")
-    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    unknown = sorted(set(cfg) - known)
-    if unknown:
+def load_weights(directory: str | os.PathLike, variant: str | None = None, *,
+                 where: str = "load_weights") -> dict[str, Any]:
+    """The weights in a diffusers model directory: ``weights_name(variant)``.
+
+    Raises:
+        FileNotFoundError: no weights file; names the variant files found, if any.
+        ValueError: only pickle weights (``.bin``, ``.pt``, ``.ckpt``): they can run
+            code when read, so xpdiff never loads them.
+    """
+    directory = Path(directory)
+    file = directory / weights_name(variant)
+    if file.is_file():
+        return load_safetensors(file)
+    found = sorted(p.name for p in directory.glob("*.safetensors")) if directory.is_dir() else []
+    pickles = (sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".ckpt"))
+               if directory.is_dir() else [])
+    if pickles and not found:
         raise ValueError(
-            f"{where}: unknown config keys {unknown} in {Path(directory) / name}; "
-            f"expected a subset of {sorted(known)}"
-        )
-    return cfg
+            f"{where}: {directory} holds only pickle weights ({', '.join(pickles)}), which "
+            f"xpdiff never loads (unpickling can run arbitrary code); convert them to "
+            f"safetensors first, e.g. load with diffusers and save_pretrained(..., "
+            f"safe_serialization=True)")
+    hint = f"; found {', '.join(found)} (pass variant=...)" if found else ""
+    raise FileNotFoundError(f"{where}: no {file.name} in {directory}{hint}")

@@ -8,17 +8,22 @@ works: each upsampler goes to the size of the skip state it meets next, so a
 
 from __future__ import annotations
 
-import inspect
+import numbers
+import operator
+import os
+import re
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .. import _validation as _v
 from .. import backend, io
+from ..configuration import ConfigMixin, register_to_config
 from ..functional.conv import to_channels_first, to_channels_last
 from ..nn._checks import check_input
 from ..nn.blocks import TimestepEmbedding, Timesteps
 from ..nn.layers import Conv2d, Embedding, GroupNorm
-from ..nn.module import Module, ModuleList
+from ..nn.module import Module, ModuleList, is_grad_enabled
 from .unet_2d_blocks import UNetMidBlock2D, get_down_block, get_up_block
 
 __all__ = ["UNet2DModel"]
@@ -39,15 +44,24 @@ _SUPPORTED = {
 }
 
 
-class UNet2DModel(Module):
+class UNet2DModel(Module, ConfigMixin):
     """A 2-D UNet predicting noise (or v / x0) from a noisy sample, timestep and class label.
 
     Args: as diffusers' ``UNet2DModel`` (see ``config``), plus ``dtype``
     (``"float32"`` default, or ``"float64"``) and ``xp`` (the array namespace;
     default: the backend chosen by ``xpdiff.set_backend``), which are not part
     of the saved config.  Unsupported argument values raise ``ValueError``.
+
+    ``dropout > 0`` (the original DDPM checkpoints use 0.1) is accepted: dropout is
+    the identity at inference, so such a model samples as diffusers' does; training
+    it (a forward with gradients enabled) is refused, dropout's backward not being
+    implemented.  ``downsample_padding=0`` pads (0, 1, 0, 1) before each strided conv.
     """
 
+    config_name: ClassVar[str] = io.CONFIG_NAME
+    _config_exclude: ClassVar[tuple[str, ...]] = ("dtype", "xp")
+
+    @register_to_config
     def __init__(
         self,
         sample_size: int | tuple[int, int] | None = None,
@@ -85,25 +99,17 @@ class UNet2DModel(Module):
         xp: Any = None,
     ):
         super().__init__()
-        args = dict(locals())
-        sig = inspect.signature(UNet2DModel.__init__)
-        self.config = {
-            k: (list(v) if isinstance(v, tuple) else v)
-            for k, v in args.items()
-            if k in sig.parameters and k not in ("self", "dtype", "xp")
-        }
+        args = {**self.config, "dtype": dtype, "xp": xp}
         for key, allowed in _SUPPORTED.items():
             if args[key] not in allowed:
                 raise ValueError(f"UNet2DModel: {key} must be one of {allowed}, got {args[key]!r}")
-        self.config.update(_checked_args(args))
+        self._update_config(**_checked_args(args))
         cfg = self.config
         in_channels, out_channels = cfg["in_channels"], cfg["out_channels"]
         time_embedding_dim, freq_shift = cfg["time_embedding_dim"], cfg["freq_shift"]
         block_out_channels, layers_per_block = cfg["block_out_channels"], cfg["layers_per_block"]
         mid_block_scale_factor, norm_eps = cfg["mid_block_scale_factor"], cfg["norm_eps"]
         attention_head_dim, num_class_embeds = cfg["attention_head_dim"], cfg["num_class_embeds"]
-        if dropout != 0.0:
-            raise ValueError(f"UNet2DModel: only dropout=0.0 is supported, got {dropout}")
         if len(down_block_types) != len(up_block_types):
             raise ValueError(
                 f"UNet2DModel: down_block_types and up_block_types must have one length, got "
@@ -178,26 +184,53 @@ class UNet2DModel(Module):
         return backend.get_namespace(self.conv_in.weight.data)
 
     def _timesteps(self, timestep: Any, batch: int, xp: Any, dev: Any) -> Any:
-        if isinstance(timestep, bool) or not hasattr(timestep, "shape") and not isinstance(
-                timestep, (int, float, list, tuple)):
-            raise TypeError(f"UNet2DModel: expected an integer or real timestep (a number or "
-                            f"an array), got {timestep!r}")
-        if isinstance(timestep, (int, float)):
-            t = xp.full((batch,), timestep, device=dev,
-                        dtype=xp.int64 if isinstance(timestep, int) else xp.float32)
+        """``timestep`` as a (B,) array of the model's namespace: a Python or NumPy number,
+        a list of those, or an array (0-d or (1,) or (B,)) of any namespace; integer or
+        real.  Also where a model with dropout refuses to train (see the class)."""
+        if self.config["dropout"] > 0 and is_grad_enabled():
+            raise ValueError(
+                f"UNet2DModel: dropout={self.config['dropout']} is only supported at inference "
+                f"(dropout is the identity there); training with dropout is not implemented: "
+                f"run under xpdiff.no_grad(), or build the model with dropout=0.0")
+
+        def number(v: Any) -> int | float:
+            if hasattr(v, "shape") and hasattr(v, "dtype") and tuple(v.shape) == ():
+                v = backend.to_numpy(v)[()]  # a NumPy scalar or a 0-d array of any namespace
+            if not isinstance(v, bool):
+                try:
+                    return operator.index(v)
+                except TypeError:
+                    if isinstance(v, numbers.Real):
+                        return float(v)
+            raise TypeError(f"UNet2DModel: expected an integer or real timestep (a number, "
+                            f"a list of numbers or an array), got {timestep!r}")
+
+        def own(a: Any) -> bool:  # an array of the model's namespace and device?
+            try:
+                return (backend.get_namespace(a, self.conv_in.weight.data) is xp
+                        and backend.device(a) == dev)
+            except (TypeError, ValueError):
+                return False
+
+        if isinstance(timestep, (list, tuple)):
+            values = [number(v) for v in timestep]
+            ints = all(isinstance(v, int) for v in values)
+            t = backend.asarray(values, xp, dtype=xp.int64 if ints else xp.float32, device=dev)
+        elif not hasattr(timestep, "shape") or (tuple(timestep.shape) == () and not own(timestep)):
+            v = number(timestep)
+            t = xp.full((batch,), v, device=dev,
+                        dtype=xp.int64 if isinstance(v, int) else xp.float32)
         else:
-            t = backend.asarray(timestep, xp, device=dev) if not hasattr(timestep, "shape") \
-                else timestep
-            backend.get_namespace(t, self.conv_in.weight.data, where="UNet2DModel timestep")
-            if t.ndim == 0:
-                t = xp.broadcast_to(t[None], (batch,))
-            elif t.ndim != 1 or t.shape[0] not in (1, batch):
-                raise ValueError(
-                    f"UNet2DModel: expected timestep as a scalar or shape ({batch},), "
-                    f"got shape {tuple(t.shape)}"
-                )
-            elif t.shape[0] == 1:
-                t = xp.broadcast_to(t, (batch,))
+            t = timestep if own(timestep) else backend.asarray(timestep, xp, device=dev)
+        if t.ndim == 0:
+            t = xp.broadcast_to(t[None], (batch,))
+        elif t.ndim != 1 or t.shape[0] not in (1, batch):
+            raise ValueError(
+                f"UNet2DModel: expected timestep as a scalar or shape ({batch},), "
+                f"got shape {tuple(t.shape)}"
+            )
+        elif t.shape[0] == 1:
+            t = xp.broadcast_to(t, (batch,))
         if not (xp.isdtype(t.dtype, "integral") or xp.isdtype(t.dtype, "real floating")):
             raise TypeError(f"UNet2DModel: expected integer or real timesteps, got dtype "
                             f"{backend.dtype_name(t.dtype)}")
@@ -357,29 +390,64 @@ def _checked_args(args: dict) -> dict:
     return out
 
 
-def _config_keys() -> set[str]:
-    sig = inspect.signature(UNet2DModel.__init__)
-    return {k for k in sig.parameters if k not in ("self", "dtype", "xp")}
+_LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_LEGACY_KEY = re.compile(r"^(.*\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)$")
 
 
-def _save_pretrained(self: UNet2DModel, directory: str) -> None:
-    """Write ``config.json`` and ``diffusion_pytorch_model.safetensors`` (diffusers' layout)."""
-    io.save_safetensors(self.state_dict(), Path(directory) / io.WEIGHTS_NAME,
+def convert_legacy_attention_keys(state: dict) -> dict:
+    """``state`` with the attention names of older diffusers checkpoints (``query``,
+    ``key``, ``value``, ``proj_attn``, as in the original DDPM ports) renamed to
+    today's (``to_q``, ``to_k``, ``to_v``, ``to_out.0``); other keys unchanged."""
+    out = {}
+    for name, value in state.items():
+        m = _LEGACY_KEY.match(name)
+        out[f"{m[1]}{_LEGACY_ATTENTION[m[2]]}.{m[3]}" if m else name] = value
+    return out
+
+
+def _save_pretrained(self: UNet2DModel, save_directory: str | os.PathLike, *,
+                     variant: str | None = None) -> None:
+    """Write ``config.json`` and ``diffusion_pytorch_model.safetensors`` (diffusers' layout;
+    ``diffusion_pytorch_model.<variant>.safetensors`` with ``variant``), atomically.
+
+    Warns (``UserWarning``) when ``sample_size`` is not divisible by 2^(levels - 1):
+    xpdiff runs such a model (each upsampler goes to its skip state's size), diffusers'
+    UNet2DModel does not.
+    """
+    levels = len(self.config["block_out_channels"])
+    size = self.config["sample_size"]
+    sizes = [] if size is None else ([size] if isinstance(size, int) else list(size))
+    factor = 2 ** (levels - 1)
+    if any(s % factor for s in sizes):
+        warnings.warn(
+            f"UNet2DModel.save_pretrained: sample_size {size} is not divisible by "
+            f"2^(levels - 1) = {factor}; xpdiff runs this model but diffusers' UNet2DModel "
+            f"cannot (its upsampled and skip states differ in size)", stacklevel=2)
+    directory = Path(save_directory)
+    io.save_safetensors(self.state_dict(), directory / io.weights_name(variant),
                         metadata={"format": "pt"})
-    io.save_config(self.config, directory, "UNet2DModel")
+    self.save_config(directory)
 
 
-def _from_pretrained(cls: type, directory: str, *, dtype: str = "float32",
-                     xp: Any = None) -> UNet2DModel:
+def _from_pretrained(cls: type, path: str | os.PathLike, subfolder: str | None = None, *,
+                     variant: str | None = None, dtype: str = "float32", xp: Any = None,
+                     **overrides: Any) -> UNet2DModel:
     """Load a model saved by ``save_pretrained`` here or by diffusers.
 
+    ``subfolder`` (``"unet"`` of a pipeline) is joined to ``path``; ``variant="fp16"``
+    reads ``diffusion_pytorch_model.fp16.safetensors``.  float16 and bfloat16 weights are
+    upcast to ``dtype``; older attention names (``query``, ``proj_attn``...) are converted.
+    ``overrides`` replace config values.
+
     Raises:
-        ValueError: unknown config keys or unsupported values.
+        ValueError: unsupported config values; a directory with only pickle (``.bin``)
+            weights, which are never loaded; a missing variant.
         KeyError: weights whose keys or shapes do not match (all of them listed).
     """
-    cfg = io.load_config(directory, _config_keys(), f"{cls.__name__}.from_pretrained")
-    model = cls(**cfg, dtype=dtype, xp=xp)
-    model.load_state_dict(io.load_safetensors(Path(directory) / io.WEIGHTS_NAME))
+    directory = Path(path) / subfolder if subfolder else Path(path)
+    model = cls.from_config(cls.load_config(directory), dtype=dtype, xp=xp, **overrides)
+    state = io.load_weights(directory, variant, where=f"{cls.__name__}.from_pretrained")
+    model.load_state_dict(convert_legacy_attention_keys(state))
     return model
 
 

@@ -228,7 +228,11 @@ class Upsample2D(Module):
 
 
 class Downsample2D(Module):
-    """3x3 convolution with stride 2 and padding 1: (B, C, H, W) -> (B, O, ceil(H/2), ceil(W/2))."""
+    """3x3 convolution with stride 2: (B, C, H, W) -> (B, O, ceil(H/2), ceil(W/2)).
+
+    ``padding=1`` pads one zero on every side; ``padding=0`` pads one zero row at the
+    bottom and one zero column at the right only, as diffusers does.
+    """
 
     def __init__(self, channels: int, use_conv: bool = True, out_channels: int | None = None,
                  padding: int = 1, *, layout: str = "NCHW", dtype: str = "float32",
@@ -243,16 +247,36 @@ class Downsample2D(Module):
         _check_layout(w, layout)
         if not use_conv:
             raise ValueError("Downsample2D: only use_conv=True (a strided conv) is supported")
-        if padding != 1:
-            raise ValueError(f"Downsample2D: only padding=1 is supported, got padding={padding}")
-        self.conv = Conv2d(channels, out_channels or channels, 3, stride=2, padding=1,
+        if padding not in (0, 1):
+            raise ValueError(f"Downsample2D: only padding 0 or 1 is supported, got {padding}")
+        self.padding, self.layout = padding, layout
+        self.conv = Conv2d(channels, out_channels or channels, 3, stride=2, padding=padding,
                            layout=layout, dtype=dtype, xp=xp)
 
+    def _spatial_axes(self) -> tuple[int, int]:
+        return (1, 2) if self.layout == "NHWC" else (2, 3)
+
     def forward(self, x: Any) -> Any:
+        if self.padding == 0:
+            # diffusers' padding=0 (the original DDPM ports): one zero row at the bottom and
+            # one zero column at the right, (0, 1, 0, 1), then the unpadded strided conv
+            xp = backend.get_namespace(x)
+            for axis in self._spatial_axes():
+                shape = list(x.shape)
+                shape[axis] = 1
+                zeros = xp.zeros(tuple(shape), dtype=x.dtype, device=backend.device(x))
+                x = xp.concat([x, zeros], axis=axis)
         return self.conv(x)
 
     def backward(self, grad_output: Any) -> Any:
-        return self.conv.backward(grad_output)
+        g = self.conv.backward(grad_output)
+        if self.padding == 0:  # drop the gradient of the padded row and column
+            h, w = self._spatial_axes()
+            index = [slice(None)] * 4
+            index[h] = slice(0, g.shape[h] - 1)
+            index[w] = slice(0, g.shape[w] - 1)
+            g = g[tuple(index)]
+        return g
 
 
 class ResnetBlock2D(Module):

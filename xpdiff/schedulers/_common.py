@@ -4,8 +4,8 @@
   pure Python with the same float32 roundings HuggingFace diffusers applies,
   so both libraries walk exactly the same schedule;
 * the inference timestep grids (``leading``, ``trailing``, ``linspace``);
-* configuration handling (``config``, ``from_config``, ``save_config``,
-  ``from_pretrained``) in a format diffusers reads and writes;
+* configuration through ``xpdiff.configuration.ConfigMixin`` (``config``,
+  ``from_config``, ``save_config``, ``from_pretrained``), in diffusers' format;
 * argument checks and the per-sample gather used by ``add_noise`` and
   ``get_velocity``.
 
@@ -16,21 +16,25 @@ plain Python floats, which the array API applies in the array's dtype.
 
 from __future__ import annotations
 
-import inspect
-import json
 import math
 import operator
-import os
 import struct
-from typing import Any, ClassVar, NamedTuple, TypeVar
+from typing import Any, ClassVar, NamedTuple
 
-from .. import backend, io
+from .. import backend
+from .._validation import (
+    ArgumentError,
+    ArgumentTypeError,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+)
+from ..configuration import ANY_VALUE, ConfigMixin
 
 __all__ = ["CONFIG_NAME", "BaseScheduler", "SchedulerOutput", "f32"]
 
 CONFIG_NAME = "scheduler_config.json"
-
-_S = TypeVar("_S", bound="BaseScheduler")
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -39,7 +43,7 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 # Keys diffusers writes for features xpdiff does not implement.  A config that
 # carries them is accepted while they hold a value that leaves the feature off
 # (``_ANY``: the key only matters when another feature is on).
-_ANY = object()
+_ANY = ANY_VALUE
 _DIFFUSERS_INACTIVE = {
     "trained_betas": None,
     "thresholding": False,
@@ -162,45 +166,59 @@ def spaced_timesteps(spacing: str, num_train: int, num_inference: int, offset: i
         ratio = num_train // num_inference
         return [i * ratio + offset for i in reversed(range(num_inference))]
     if spacing == "trailing":
+        # NumPy's arange can overshoot by one entry when num_train / num_inference is
+        # inexact (T = 17, n = 7 gives an 8th value near 0, i.e. timestep -1): keep n
         grid = _arange_down(float(num_train), 0.0, -(num_train / num_inference))
-        return [round(v) - 1 for v in grid]
+        return [round(v) - 1 for v in grid[:num_inference]]
     raise ValueError(f"spaced_timesteps: expected one of {TIMESTEP_SPACINGS}, got {spacing!r}")
 
 
 # ---------------------------------------------------------------------------
 # argument checks
 # ---------------------------------------------------------------------------
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _trained_betas(name: str, values: Any, n: int) -> list[float]:
     """``trained_betas`` (a sequence of ``n`` numbers) as float32-rounded Python floats."""
-    try:
-        betas = [f32(float(b)) for b in values]
-    except (TypeError, ValueError):
-        raise ValueError(
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise ArgumentTypeError(
             f"{name}: expected trained_betas to be None or a sequence of numbers, got {values!r}"
-        ) from None
+        )
+    betas = [f32(check_float(name, "trained_betas[i]", b)) for b in values]
     if len(betas) != n:
-        raise ValueError(
+        raise ArgumentError(
             f"{name}: expected {n} trained_betas (num_train_timesteps), got {len(betas)}"
         )
     return betas
 
 
-class BaseScheduler:
+def _index(value: Any) -> int:
+    """An integer-like ``value`` (int, NumPy integer, 0-d or one-element integer array of
+    any namespace) as a Python int; TypeError for bool, floats and everything else."""
+    if isinstance(value, (bool, float)):
+        raise TypeError
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        if not backend.dtype_name(value.dtype).startswith(("int", "uint")):
+            raise TypeError
+        if tuple(value.shape) not in ((), (1,)):
+            raise TypeError
+        value = backend.to_numpy(value).reshape(())[()]
+    return operator.index(value)
+
+
+def _host_ints(values: list[int]) -> Any:
+    """``values`` as a host (NumPy) int64 array: the type of ``scheduler.timesteps``."""
+    hx = backend.namespace_for("numpy")
+    return backend.asarray(values, hx, dtype=hx.int64)
+
+
+class BaseScheduler(ConfigMixin):
     """Schedule tables, config handling and checks common to the schedulers.
 
-    Subclasses declare their constructor arguments explicitly (those names are
-    the config keys), call ``_setup(config)`` with them, and implement
-    ``set_timesteps`` and ``step``.
+    Subclasses decorate their ``__init__`` with ``register_to_config`` (its argument
+    names are the config keys), call ``_setup()`` and implement ``set_timesteps``
+    and ``step``.
     """
 
+    config_name: ClassVar[str] = CONFIG_NAME
     order = 1
     init_noise_sigma = 1.0
     _choices: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -209,39 +227,33 @@ class BaseScheduler:
         "timestep_spacing": TIMESTEP_SPACINGS,
     }
     _bools: ClassVar[tuple[str, ...]] = ("clip_sample",)
-    # diffusers' keys this class accepts in a config while they leave their feature off
-    _diffusers_inactive: ClassVar[dict[str, Any]] = _DIFFUSERS_INACTIVE
+    _accepted_off: ClassVar[dict[str, Any]] = _DIFFUSERS_INACTIVE
 
     # -- construction -------------------------------------------------------
-    def _setup(self, config: dict[str, Any]) -> None:
+    def _setup(self) -> None:
+        """Check the recorded config, store its plain form and build the tables.
+
+        Raises:
+            ArgumentError: a value out of range or not among the choices (naming it),
+                a beta outside (0, 1), or a schedule whose float32 abar_t reaches 0
+                (zero terminal SNR: x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
+                divides by zero) or stays 1 at t = 0.
+            ArgumentTypeError: a value of the wrong type.
+        """
         name = type(self).__name__
+        config = self.config.to_dict()
         for key, allowed in self._choices.items():
-            if config[key] not in allowed:
-                raise ValueError(
-                    f"{name}: expected {key} to be one of {', '.join(map(repr, allowed))}, "
-                    f"got {config[key]!r}"
-                )
+            check_choice(name, key, config[key], allowed)
         for key in self._bools:
-            if not isinstance(config[key], bool):
-                raise TypeError(f"{name}: expected {key} to be a bool, got {config[key]!r}")
-        n = config["num_train_timesteps"]
-        if not _is_int(n) or n < 1:
-            raise ValueError(f"{name}: expected num_train_timesteps to be an int >= 1, got {n!r}")
-        off = config["steps_offset"]
-        if not _is_int(off) or off < 0:
-            raise ValueError(f"{name}: expected steps_offset to be an int >= 0, got {off!r}")
-        for key in ("beta_start", "beta_end", "clip_sample_range"):
-            if key not in config:  # clip_sample_range: only schedulers that clip have it
-                continue
-            if not _is_real(config[key]):
-                raise ValueError(
-                    f"{name}: expected {key} to be a finite number, got {config[key]!r}"
-                )
-            config[key] = float(config[key])
-        if config.get("clip_sample_range", 1.0) <= 0:
-            raise ValueError(
-                f"{name}: expected clip_sample_range > 0, got {config['clip_sample_range']!r}"
-            )
+            check_bool(name, key, config[key])
+        n = config["num_train_timesteps"] = check_int(
+            name, "num_train_timesteps", config["num_train_timesteps"], min=1)
+        config["steps_offset"] = check_int(name, "steps_offset", config["steps_offset"], min=0)
+        for key in ("beta_start", "beta_end"):
+            config[key] = check_float(name, key, config[key])
+        if "clip_sample_range" in config:  # only schedulers that clip have it
+            config["clip_sample_range"] = check_float(
+                name, "clip_sample_range", config["clip_sample_range"], min=0.0, min_open=True)
         if config.get("trained_betas") is not None:
             betas = _trained_betas(name, config["trained_betas"], n)
             config["trained_betas"] = betas
@@ -254,19 +266,36 @@ class BaseScheduler:
             )
         bad = [b for b in betas if not 0.0 < b < 1.0]
         if bad:
-            raise ValueError(f"{name}: expected every beta in (0, 1), got {bad[0]!r} from {source}")
-        self._config = dict(config)
+            raise ArgumentError(f"{name}: expected every beta in (0, 1), got {bad[0]!r} "
+                                f"from {source}")
+        abar = cumprod_table(betas)
+        zero = next((t for t, a in enumerate(abar) if a == 0.0), None)
+        if zero is not None:
+            raise ArgumentError(
+                f"{name}: the schedule {source}, num_train_timesteps={n} reaches zero terminal "
+                f"SNR: float32 alphas_cumprod rounds to 0 from t = {zero} on, where x_0 cannot "
+                f"be predicted (rescale_betas_zero_snr is not supported); use a smaller "
+                f"beta_end or fewer timesteps"
+            )
+        if abar[0] == 1.0:
+            raise ArgumentError(
+                f"{name}: the schedule {source} has beta_0 = {betas[0]!r}, too small for "
+                f"float32 (1 - beta_0 rounds to 1, so 1 - alphas_cumprod[0] is 0)"
+            )
+        self._update_config(**config)
         self._betas = betas
-        self._alphas_cumprod = cumprod_table(betas)
+        self._alphas_cumprod = abar
         self._device_tables: dict[tuple[str, str, str], Any] = {}
         self.num_inference_steps: int | None = None
-        self.timesteps: list[int] = list(reversed(range(n)))
+        self._steps: list[int] = list(reversed(range(n)))
+        self._prev: dict[int, int] = {}
 
     # -- read-only views ----------------------------------------------------
     @property
-    def config(self) -> dict[str, Any]:
-        """The constructor arguments (a fresh, JSON-serialisable dict)."""
-        return dict(self._config)
+    def timesteps(self) -> Any:
+        """The descending timesteps to sample with: a host (NumPy) int64 array of
+        length ``num_inference_steps`` (every training step before ``set_timesteps``)."""
+        return _host_ints(self._steps)
 
     @property
     def betas(self) -> tuple[float, ...]:
@@ -279,129 +308,21 @@ class BaseScheduler:
         return tuple(self._alphas_cumprod)
 
     def __len__(self) -> int:
-        return self._config["num_train_timesteps"]
+        return self.config["num_train_timesteps"]
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self._config.items())
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
         return f"{type(self).__name__}({args})"
 
     def scale_model_input(self, sample: Any, timestep: int | None = None) -> Any:
         """The model input for ``sample`` at ``timestep``: unchanged for DDPM/DDIM."""
         return sample
 
-    # -- config files -------------------------------------------------------
-    @classmethod
-    def _config_keys(cls) -> list[str]:
-        params = inspect.signature(cls.__init__).parameters
-        return [p for p in params if p != "self"]
-
-    def to_json_dict(self) -> dict[str, Any]:
-        """The config with ``"_class_name"``, as written to ``scheduler_config.json``."""
-        return {"_class_name": type(self).__name__, **self._config}
-
-    @classmethod
-    def from_config(cls: type[_S], config: dict[str, Any], **overrides: Any) -> _S:
-        """A scheduler built from a config dict (ours or diffusers'), then ``overrides``.
-
-        Keys starting with ``"_"`` (bookkeeping such as ``_class_name``) are
-        ignored.  diffusers-only keys are accepted while their feature is off
-        (``thresholding=False``, ``trained_betas=None``, ...).
-
-        Raises:
-            ValueError: for unknown keys, naming them, or a diffusers feature
-                that is switched on.
-        """
-        if not isinstance(config, dict):
-            config = dict(config)
-        merged = {**config, **overrides}
-        known = set(cls._config_keys())
-        kwargs: dict[str, Any] = {}
-        unknown = []
-        for key, value in merged.items():
-            if key.startswith("_"):
-                continue
-            if key in known:
-                kwargs[key] = value
-            elif key in cls._diffusers_inactive:
-                off = cls._diffusers_inactive[key]
-                if off is not _ANY and value != off:
-                    raise ValueError(
-                        f"{cls.__name__}.from_config: {key}={value!r} is not supported "
-                        f"(only {key}={off!r})"
-                    )
-            else:
-                unknown.append(key)
-        if unknown:
-            saved_by = config.get("_class_name")
-            note = (
-                f" (config was saved by {saved_by})" if saved_by not in (None, cls.__name__) else ""
-            )
-            raise ValueError(
-                f"{cls.__name__}.from_config: unknown config keys {sorted(unknown)}{note}; "
-                f"expected keys among {sorted(known)}"
-            )
-        return cls(**kwargs)
-
-    def save_config(self, save_directory: str | os.PathLike) -> str:
-        """Write ``scheduler_config.json`` into ``save_directory`` (created if needed).
-
-        The file is written to a temporary name in the same directory and moved
-        into place with ``os.replace``, so readers never see half a file.
-
-        Returns:
-            The path of the written file.
-        """
-        directory = os.fspath(save_directory)
-        if os.path.isfile(directory):
-            raise ValueError(
-                f"{type(self).__name__}.save_config: expected a directory, "
-                f"got the file {directory!r}"
-            )
-        target = os.path.join(directory, CONFIG_NAME)
-        io.save_json(self.to_json_dict(), target)
-        return target
-
-    @classmethod
-    def from_pretrained(
-        cls: type[_S], path: str | os.PathLike, subfolder: str | None = None, **overrides: Any
-    ) -> _S:
-        """Load from a directory holding ``scheduler_config.json`` (or that file itself).
-
-        ``subfolder`` is joined to ``path`` first (e.g. ``"scheduler"`` in a
-        saved pipeline).  Reads files written by ``save_config`` and by
-        diffusers' ``save_pretrained``.
-        """
-        where = os.fspath(path)
-        if subfolder:
-            where = os.path.join(where, subfolder)
-        file = where if os.path.isfile(where) else os.path.join(where, CONFIG_NAME)
-        if not os.path.isfile(file):
-            raise FileNotFoundError(
-                f"{cls.__name__}.from_pretrained: no {CONFIG_NAME} at {where!r}"
-            )
-        with open(file, encoding="utf-8") as fh:
-            try:
-                config = json.load(fh)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise ValueError(
-                    f"{cls.__name__}.from_pretrained: {file!r} is not JSON ({err})"
-                ) from err
-        if not isinstance(config, dict):
-            raise TypeError(
-                f"{cls.__name__}.from_pretrained: expected a JSON object in {file!r}, "
-                f"got {type(config).__name__}"
-            )
-        return cls.from_config(config, **overrides)
-
     # -- timesteps ------------------------------------------------------------
     def _check_num_inference_steps(self, num_inference_steps: int) -> int:
         n_train = self._config["num_train_timesteps"]
-        if not _is_int(num_inference_steps) or not 1 <= num_inference_steps <= n_train:
-            raise ValueError(
-                f"{type(self).__name__}.set_timesteps: expected num_inference_steps to be an int "
-                f"in [1, num_train_timesteps={n_train}], got {num_inference_steps!r}"
-            )
-        return num_inference_steps
+        return check_int(f"{type(self).__name__}.set_timesteps", "num_inference_steps",
+                         num_inference_steps, min=1, max=n_train)
 
     def _spaced_timesteps(self, num_inference_steps: int) -> list[int]:
         cfg = self._config
@@ -410,26 +331,32 @@ class BaseScheduler:
             cfg["timestep_spacing"], n_train, num_inference_steps, cfg["steps_offset"]
         )
         if steps and not 0 <= steps[0] < n_train:
-            raise ValueError(
+            raise ArgumentError(
                 f"{type(self).__name__}.set_timesteps: steps_offset={cfg['steps_offset']} with "
                 f"{num_inference_steps} steps gives timestep {steps[0]}, outside "
                 f"[0, num_train_timesteps={n_train})"
             )
         return steps
 
+    def _set_grid(self, steps: list[int]) -> None:
+        """Make ``steps`` (descending) the chain: each step lands on the next entry,
+        the last one on -1 (abar = 1, or the scheduler's final value)."""
+        self._steps = list(steps)
+        self.num_inference_steps = len(steps)
+        self._prev = dict(zip(steps, [*steps[1:], -1], strict=True))
+
     def _check_timestep(self, timestep: Any, where: str) -> int:
-        """``timestep`` as a Python int in [0, num_train_timesteps)."""
+        """``timestep`` (integer-like) as a Python int in [0, num_train_timesteps)."""
         n_train = self._config["num_train_timesteps"]
         try:
-            if isinstance(timestep, (bool, float)):
-                raise TypeError
-            t = operator.index(timestep)
+            t = _index(timestep)
         except TypeError:
-            raise ValueError(
-                f"{type(self).__name__}.{where}: expected an integer timestep, got {timestep!r}"
+            raise ArgumentTypeError(
+                f"{type(self).__name__}.{where}: expected an integer timestep (an int, a NumPy "
+                f"integer or a 0-d integer array), got {timestep!r}"
             ) from None
         if not 0 <= t < n_train:
-            raise ValueError(
+            raise ArgumentError(
                 f"{type(self).__name__}.{where}: timestep {t} is out of range "
                 f"[0, num_train_timesteps={n_train})"
             )
@@ -453,37 +380,46 @@ class BaseScheduler:
 
     def _batch_timesteps(self, timesteps: Any, sample: Any, xp: Any, where: str) -> Any:
         """Timesteps for each of the B samples as an int64 array of shape (B,) on
-        the sample's device, after range and shape checks.  Accepts an int, a
-        list of ints, or an integer array of shape (), (1,) or (B,)."""
+        the sample's device, after range and shape checks.
+
+        Accepts anything integer-like: a Python int or NumPy integer, a list or tuple
+        of those, or an integer array of any namespace of shape (), (1,) or (B,)."""
         cls = type(self).__name__
         n_train = self._config["num_train_timesteps"]
         batch = sample.shape[0]
         dev = backend.device(sample)
-        if _is_int(timesteps) or isinstance(timesteps, (list, tuple)):
-            values = [timesteps] * batch if _is_int(timesteps) else list(timesteps)
-            if not all(_is_int(v) for v in values):
-                raise ValueError(f"{cls}.{where}: expected integer timesteps, got {timesteps!r}")
+        listed = isinstance(timesteps, (list, tuple))
+        if listed or not hasattr(timesteps, "shape") or tuple(timesteps.shape) == ():
+            try:
+                values = [_index(v) for v in timesteps] if listed else [_index(timesteps)]
+            except TypeError:
+                raise ArgumentTypeError(
+                    f"{cls}.{where}: expected integer timesteps (an int, a list of ints or an "
+                    f"integer array), got {timesteps!r}"
+                ) from None
+            if len(values) == 1:
+                values = values * batch
             if len(values) != batch:
-                raise ValueError(
+                raise ArgumentError(
                     f"{cls}.{where}: expected {batch} timesteps (one per sample), got {len(values)}"
                 )
             lo, hi = (min(values), max(values)) if values else (0, 0)
             idx = backend.asarray(values, xp, dtype=xp.int64, device=dev)
         else:
-            if not hasattr(timesteps, "shape") or not hasattr(timesteps, "dtype"):
-                raise ValueError(
+            if not hasattr(timesteps, "dtype"):
+                raise ArgumentTypeError(
                     f"{cls}.{where}: expected integer timesteps (an int, a list of ints or an "
                     f"integer array), got {timesteps!r}"
                 )
             if backend.get_namespace(timesteps) is not xp or backend.device(timesteps) != dev:
                 timesteps = backend.asarray(timesteps, xp, device=dev)
             if not xp.isdtype(timesteps.dtype, "integral"):
-                raise ValueError(
+                raise ArgumentTypeError(
                     f"{cls}.{where}: expected an integer timesteps array, "
                     f"got dtype {timesteps.dtype}"
                 )
-            if timesteps.ndim > 1 or (timesteps.ndim == 1 and timesteps.shape[0] not in (1, batch)):
-                raise ValueError(
+            if timesteps.ndim > 1 or timesteps.shape[0] not in (1, batch):
+                raise ArgumentError(
                     f"{cls}.{where}: expected timesteps of shape ({batch},), "
                     f"got {tuple(timesteps.shape)}"
                 )
@@ -491,7 +427,7 @@ class BaseScheduler:
             lo, hi = (int(xp.min(idx)), int(xp.max(idx))) if batch else (0, 0)
         if lo < 0 or hi >= n_train:
             bad = lo if lo < 0 else hi
-            raise ValueError(
+            raise ArgumentError(
                 f"{cls}.{where}: timestep {bad} is out of range [0, num_train_timesteps={n_train})"
             )
         return idx
@@ -543,11 +479,12 @@ class BaseScheduler:
     def _start_step(
         self, model_output: Any, timestep: Any, sample: Any, generator: Any, noise: Any
     ) -> tuple[Any, int]:
-        """Checks common to both ``step`` methods; returns (namespace, timestep as int)."""
+        """Checks common to every ``step`` method; returns (namespace, timestep as int)."""
         xp = self._check_pair(sample, model_output, ("sample", "model_output"), "step")
         if noise is not None and generator is not None:
-            raise ValueError(
-                f"{type(self).__name__}.step: expected at most one of generator and noise, got both"
+            raise ArgumentError(
+                f"{type(self).__name__}.step: expected at most one of generator and "
+                f"variance_noise, got both"
             )
         return xp, self._check_timestep(timestep, "step")
 
@@ -597,8 +534,8 @@ class BaseScheduler:
         if noise is not None:
             backend.get_namespace(sample, noise, where=f"{cls}.step")
             if tuple(noise.shape) != tuple(sample.shape):
-                raise ValueError(
-                    f"{cls}.step: expected noise of shape {tuple(sample.shape)}, "
+                raise ArgumentError(
+                    f"{cls}.step: expected variance_noise of shape {tuple(sample.shape)}, "
                     f"got {tuple(noise.shape)}"
                 )
             return noise if noise.dtype == sample.dtype else xp.astype(noise, sample.dtype)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
-from .._validation import check_float
+from .._validation import ArgumentError, check_bool, check_float
+from ..configuration import register_to_config
 from ._common import BaseScheduler, SchedulerOutput, f32
 
 __all__ = ["DDIMScheduler"]
@@ -35,6 +36,7 @@ class DDIMScheduler(BaseScheduler):
 
     _bools: ClassVar[tuple[str, ...]] = (*BaseScheduler._bools, "set_alpha_to_one")
 
+    @register_to_config
     def __init__(
         self,
         num_train_timesteps: int = 1000,
@@ -48,73 +50,71 @@ class DDIMScheduler(BaseScheduler):
         prediction_type: str = "epsilon",
         timestep_spacing: str = "leading",
     ) -> None:
-        self._setup(
-            {
-                "num_train_timesteps": num_train_timesteps,
-                "beta_start": beta_start,
-                "beta_end": beta_end,
-                "beta_schedule": beta_schedule,
-                "clip_sample": clip_sample,
-                "clip_sample_range": clip_sample_range,
-                "set_alpha_to_one": set_alpha_to_one,
-                "steps_offset": steps_offset,
-                "prediction_type": prediction_type,
-                "timestep_spacing": timestep_spacing,
-            }
-        )
+        self._setup()
         self.final_alpha_cumprod = 1.0 if set_alpha_to_one else self._alphas_cumprod[0]
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Choose the ``num_inference_steps`` timesteps to sample with.
 
-        Sets ``self.timesteps`` (descending Python ints) and ``self.num_inference_steps``.
+        Sets ``self.timesteps`` (a descending int64 array of ``num_inference_steps``
+        distinct timesteps) and ``self.num_inference_steps``; each step then lands on
+        the next entry of ``self.timesteps`` (the last one on abar = final_alpha_cumprod).
 
         Raises:
             ValueError: when ``num_inference_steps`` is not in [1, num_train_timesteps],
                 or ``steps_offset`` pushes a timestep out of range.
         """
         n = self._check_num_inference_steps(num_inference_steps)
-        self.timesteps = self._spaced_timesteps(n)
-        self.num_inference_steps = n
+        self._set_grid(self._spaced_timesteps(n))
 
     def _previous(self, t: int) -> int:
-        """``t - num_train_timesteps // num_inference_steps``, diffusers' rule for
-        every spacing; with ``trailing`` or ``linspace`` it can differ from the
-        next entry of ``self.timesteps`` by a few training steps, which matching
-        diffusers requires keeping.  Needs ``set_timesteps`` first."""
+        """The next entry of ``self.timesteps`` (-1 after the last), so that a model
+        predicting the exact noise takes DDIM back to x_0 for every spacing.
+
+        diffusers uses ``t - num_train_timesteps // num_inference_steps`` instead,
+        which equals this for ``leading`` spacing but can miss the grid for
+        ``trailing`` and ``linspace`` (T = 100, 5 linspace steps: the grid is
+        [99, 74, 50, 25, 0], diffusers lands on [79, 54, 30, 5, -20])."""
         if self.num_inference_steps is None:
-            raise ValueError(
+            raise ArgumentError(
                 "DDIMScheduler: expected set_timesteps(num_inference_steps) to be called "
                 "before step, got num_inference_steps=None"
             )
-        return t - self._config["num_train_timesteps"] // self.num_inference_steps
+        if t not in self._prev:
+            raise ArgumentError(
+                f"DDIMScheduler: expected a timestep from set_timesteps("
+                f"{self.num_inference_steps}) (one of self.timesteps), got {t}"
+            )
+        return self._prev[t]
 
     def step(
         self,
         model_output: Any,
-        timestep: int,
+        timestep: Any,
         sample: Any,
         eta: float = 0.0,
-        generator: Any = None,
-        noise: Any = None,
         use_clipped_model_output: bool = False,
+        generator: Any = None,
+        variance_noise: Any = None,
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple[Any, Any]:
         """One DDIM step x_t -> x_{t_prev} (eq. 12), t_prev = ``previous_timestep(t)``.
 
+        The arguments are diffusers' ``DDIMScheduler.step``'s, in its order.
+
         Args:
             model_output: the model's prediction at (``sample``, ``timestep``),
                 shape (B, C, H, W) like ``sample``.
-            timestep: current timestep t, a Python int (or integer scalar) in
-                [0, num_train_timesteps).
+            timestep: current timestep t, integer-like (int, NumPy integer, 0-d
+                integer array), one of ``self.timesteps``.
             sample: x_t, shape (B, C, H, W), float32 or float64.
             eta: weight of the fresh noise: sigma_t = eta * sigma_t(1) of eq. 16;
                 0 is deterministic DDIM, 1 matches DDPM's posterior variance.
-            generator: ``xpdiff.backend.Generator`` for the noise (eta > 0 only).
-            noise: explicit standard-normal noise of ``sample``'s shape (give at
-                most one of ``generator`` and ``noise``; with neither, an
-                unseeded generator is used).
             use_clipped_model_output: recompute the noise from the clipped x_0.
+            generator: ``xpdiff.backend.Generator`` for the noise (eta > 0 only).
+            variance_noise: explicit standard-normal noise of ``sample``'s shape
+                (give at most one of ``generator`` and ``variance_noise``; with
+                neither, an unseeded generator is used).
             return_dict: False returns a plain tuple instead of ``SchedulerOutput``.
 
         Returns:
@@ -122,9 +122,12 @@ class DDIMScheduler(BaseScheduler):
             (B, C, H, W) in the namespace, device and dtype of ``sample``.
 
         Raises:
-            ValueError: before ``set_timesteps``, for a bad timestep, eta < 0,
-                mismatched shapes, or both ``generator`` and ``noise``.
+            ValueError: before ``set_timesteps``, for a timestep not on the grid,
+                eta < 0, mismatched shapes, or both ``generator`` and ``variance_noise``.
         """
+        noise = variance_noise
+        use_clipped_model_output = check_bool(
+            "DDIMScheduler.step", "use_clipped_model_output", use_clipped_model_output)
         xp, t = self._start_step(model_output, timestep, sample, generator, noise)
         t_prev = self._previous(t)
         eta = check_float("DDIMScheduler.step", "eta", eta, min=0.0)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
+from .._validation import ArgumentError
+from ..configuration import register_to_config
 from ._common import BaseScheduler, SchedulerOutput, f32
 
 __all__ = ["DDPMScheduler"]
@@ -43,6 +45,7 @@ class DDPMScheduler(BaseScheduler):
         "variance_type": ("fixed_small", "fixed_large"),
     }
 
+    @register_to_config
     def __init__(
         self,
         num_train_timesteps: int = 1000,
@@ -56,38 +59,21 @@ class DDPMScheduler(BaseScheduler):
         timestep_spacing: str = "leading",
         steps_offset: int = 0,
     ) -> None:
-        self._setup(
-            {
-                "num_train_timesteps": num_train_timesteps,
-                "beta_start": beta_start,
-                "beta_end": beta_end,
-                "beta_schedule": beta_schedule,
-                "variance_type": variance_type,
-                "clip_sample": clip_sample,
-                "clip_sample_range": clip_sample_range,
-                "prediction_type": prediction_type,
-                "timestep_spacing": timestep_spacing,
-                "steps_offset": steps_offset,
-            }
-        )
-        self._prev: dict[int, int] = {}
+        self._setup()
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Choose the ``num_inference_steps`` timesteps to sample with.
 
-        Sets ``self.timesteps`` (descending Python ints) and
-        ``self.num_inference_steps``; each step then jumps to the next entry of
-        ``self.timesteps`` (the last one to t = -1, i.e. abar = 1).
+        Sets ``self.timesteps`` (a descending int64 array of ``num_inference_steps``
+        distinct timesteps) and ``self.num_inference_steps``; each step then jumps to
+        the next entry of ``self.timesteps`` (the last one to t = -1, i.e. abar = 1).
 
         Raises:
             ValueError: when ``num_inference_steps`` is not in [1, num_train_timesteps],
                 or ``steps_offset`` pushes a timestep out of range.
         """
         n = self._check_num_inference_steps(num_inference_steps)
-        steps = self._spaced_timesteps(n)
-        self.timesteps = steps
-        self.num_inference_steps = n
-        self._prev = {t: p for t, p in zip(steps, steps[1:] + [-1], strict=True)}
+        self._set_grid(self._spaced_timesteps(n))
 
     def _previous(self, t: int) -> int:
         """Before ``set_timesteps`` the chain visits every training step (t - 1);
@@ -96,7 +82,7 @@ class DDPMScheduler(BaseScheduler):
         if self.num_inference_steps is None:
             return t - 1
         if t not in self._prev:
-            raise ValueError(
+            raise ArgumentError(
                 f"DDPMScheduler: expected a timestep from set_timesteps("
                 f"{self.num_inference_steps}) (one of self.timesteps), got {t}"
             )
@@ -105,30 +91,35 @@ class DDPMScheduler(BaseScheduler):
     def step(
         self,
         model_output: Any,
-        timestep: int,
+        timestep: Any,
         sample: Any,
         generator: Any = None,
-        noise: Any = None,
         return_dict: bool = True,
+        *,
+        variance_noise: Any = None,
     ) -> SchedulerOutput | tuple[Any, Any]:
         """One ancestral step x_t -> x_{t_prev}, t_prev = ``previous_timestep(t)``.
+
+        The arguments are diffusers' ``DDPMScheduler.step``'s, in its order, plus
+        the keyword-only ``variance_noise``.
 
         Args:
             model_output: the model's prediction at (``sample``, ``timestep``),
                 shape (B, C, H, W) like ``sample``.
-            timestep: current timestep t, a Python int (or integer scalar) in
-                [0, num_train_timesteps).
+            timestep: current timestep t, integer-like (int, NumPy integer, 0-d
+                integer array) in [0, num_train_timesteps).
             sample: x_t, shape (B, C, H, W), float32 or float64.
             generator: ``xpdiff.backend.Generator`` for the variance noise.
-            noise: explicit standard-normal variance noise, shape of ``sample``
-                (give at most one of ``generator`` and ``noise``; with neither,
-                an unseeded generator is used).  Unused when t = 0.
             return_dict: False returns a plain tuple instead of ``SchedulerOutput``.
+            variance_noise: explicit standard-normal variance noise, shape of
+                ``sample`` (give at most one of ``generator`` and ``variance_noise``;
+                with neither, an unseeded generator is used).  Unused when t = 0.
 
         Returns:
             ``SchedulerOutput(prev_sample, pred_original_sample)``, both of shape
             (B, C, H, W) in the namespace, device and dtype of ``sample``.
         """
+        noise = variance_noise
         xp, t = self._start_step(model_output, timestep, sample, generator, noise)
         t_prev = self._previous(t)
         abar = self._alphas_cumprod

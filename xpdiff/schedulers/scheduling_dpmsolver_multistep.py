@@ -34,13 +34,13 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
+from .._validation import ArgumentError, check_float, check_int
+from ..configuration import register_to_config
 from ._common import (
     _ANY,
     _DIFFUSERS_INACTIVE,
     BaseScheduler,
     SchedulerOutput,
-    _is_int,
-    _is_real,
     f32,
     spaced_timesteps,
 )
@@ -113,7 +113,7 @@ class DPMSolverMultistepScheduler(BaseScheduler):
         "final_sigmas_type": ("zero", "sigma_min"),
     }
     _bools: ClassVar[tuple[str, ...]] = ("thresholding", "lower_order_final", "use_karras_sigmas")
-    _diffusers_inactive: ClassVar[dict[str, Any]] = {
+    _accepted_off: ClassVar[dict[str, Any]] = {
         **_DIFFUSERS_INACTIVE,
         "euler_at_final": False,
         "use_exponential_sigmas": False,
@@ -124,15 +124,12 @@ class DPMSolverMultistepScheduler(BaseScheduler):
         "lambda_min_clipped": -math.inf,
         "use_dynamic_shifting": False,
         "time_shift_type": _ANY,
-        # keys of a DDIM/DDPM config, ignored as diffusers does when a model's scheduler
-        # is swapped (``from_config(ddim.config)``); a learned variance would show up as
-        # a model output of twice the sample's channels, which ``step`` refuses
+        # DDPM's fixed variances leave the solver alone (a learned variance would show up
+        # as a model output of twice the sample's channels, which ``step`` refuses)
         "variance_type": _ANY,
-        "clip_sample": _ANY,
-        "clip_sample_range": _ANY,
-        "set_alpha_to_one": _ANY,
     }
 
+    @register_to_config
     def __init__(
         self,
         num_train_timesteps: int = 1000,
@@ -154,41 +151,22 @@ class DPMSolverMultistepScheduler(BaseScheduler):
         steps_offset: int = 0,
     ) -> None:
         name = type(self).__name__
-        if not _is_int(solver_order) or solver_order not in (1, 2):
-            raise ValueError(
+        check_int(name, "solver_order", solver_order)
+        if solver_order not in (1, 2):
+            raise ArgumentError(
                 f"{name}: expected solver_order to be 1 or 2 (third order is not implemented), "
                 f"got {solver_order!r}"
             )
-        ratio = dynamic_thresholding_ratio
-        if not _is_real(ratio) or not 0 < ratio <= 1:
-            raise ValueError(
-                f"{name}: expected dynamic_thresholding_ratio in (0, 1], got {ratio!r}"
-            )
-        if not _is_real(sample_max_value) or not sample_max_value > 0:
-            raise ValueError(f"{name}: expected sample_max_value > 0, got {sample_max_value!r}")
-        self._setup(
-            {
-                "num_train_timesteps": num_train_timesteps,
-                "beta_start": beta_start,
-                "beta_end": beta_end,
-                "beta_schedule": beta_schedule,
-                "trained_betas": trained_betas,
-                "solver_order": solver_order,
-                "prediction_type": prediction_type,
-                "thresholding": thresholding,
-                "dynamic_thresholding_ratio": float(dynamic_thresholding_ratio),
-                "sample_max_value": float(sample_max_value),
-                "algorithm_type": algorithm_type,
-                "solver_type": solver_type,
-                "lower_order_final": lower_order_final,
-                "use_karras_sigmas": use_karras_sigmas,
-                "final_sigmas_type": final_sigmas_type,
-                "timestep_spacing": timestep_spacing,
-                "steps_offset": steps_offset,
-            }
+        self._update_config(
+            dynamic_thresholding_ratio=check_float(
+                name, "dynamic_thresholding_ratio", dynamic_thresholding_ratio,
+                min=0.0, max=1.0, min_open=True),
+            sample_max_value=check_float(name, "sample_max_value", sample_max_value,
+                                         min=0.0, min_open=True),
         )
+        self._setup()
         if use_karras_sigmas:
-            raise ValueError(
+            raise ArgumentError(
                 f"{name}: use_karras_sigmas=True is not supported (only False: the sampler "
                 f"visits training timesteps)"
             )
@@ -221,7 +199,7 @@ class DPMSolverMultistepScheduler(BaseScheduler):
         diffusers' rules for this scheduler: ``linspace`` and ``leading`` divide
         the schedule into ``num_inference_steps + 1`` points and drop the last
         one (t = 0, which only the final sigma stands for); ``trailing`` is the
-        DDIM rule.  Sets ``self.timesteps`` (descending Python ints),
+        DDIM rule.  Sets ``self.timesteps`` (a descending int64 array),
         ``self.sigmas`` and ``self.num_inference_steps``, and forgets the
         predictions kept from an earlier chain.
 
@@ -238,19 +216,19 @@ class DPMSolverMultistepScheduler(BaseScheduler):
         else:
             steps = spaced_timesteps(spacing, n_train, n + 1, cfg["steps_offset"])[:-1]
         if not 0 <= steps[0] < n_train:
-            raise ValueError(
+            raise ArgumentError(
                 f"{type(self).__name__}.set_timesteps: steps_offset={cfg['steps_offset']} with "
                 f"{n} steps gives timestep {steps[0]}, outside [0, num_train_timesteps={n_train})"
             )
         final = self._train_sigmas[0] if cfg["final_sigmas_type"] == "sigma_min" else 0.0
-        self.timesteps = steps
+        self._steps = steps
         self.num_inference_steps = n
         self._sigmas = [self._train_sigmas[t] for t in steps] + [final]
         self._reset()
 
     def _require_timesteps(self, where: str) -> None:
         if self.num_inference_steps is None:
-            raise ValueError(
+            raise ArgumentError(
                 f"{type(self).__name__}.{where}: expected set_timesteps(num_inference_steps) "
                 f"to be called first, got num_inference_steps=None"
             )
@@ -259,17 +237,17 @@ class DPMSolverMultistepScheduler(BaseScheduler):
         """The next entry of ``self.timesteps``; after the last one 0 with
         ``final_sigmas_type="sigma_min"`` (its noise level), else -1 (clean)."""
         self._require_timesteps("previous_timestep")
-        if t not in self.timesteps:
-            raise ValueError(
+        if t not in self._steps:
+            raise ArgumentError(
                 f"{type(self).__name__}: expected a timestep from set_timesteps("
                 f"{self.num_inference_steps}) (one of self.timesteps), got {t}"
             )
-        i = self.timesteps.index(t)
-        if self._step_index is not None and self._step_index < len(self.timesteps):
-            if self.timesteps[self._step_index] == t:
+        i = self._steps.index(t)
+        if self._step_index is not None and self._step_index < len(self._steps):
+            if self._steps[self._step_index] == t:
                 i = self._step_index
-        if i + 1 < len(self.timesteps):
-            return self.timesteps[i + 1]
+        if i + 1 < len(self._steps):
+            return self._steps[i + 1]
         return 0 if self._config["final_sigmas_type"] == "sigma_min" else -1
 
     def _index_for(self, t: int) -> int:
@@ -277,23 +255,23 @@ class DPMSolverMultistepScheduler(BaseScheduler):
         anywhere in the schedule (at a repeated timestep: its second occurrence,
         as diffusers does); later steps must follow it in order."""
         self._require_timesteps("step")
-        cls, steps = type(self).__name__, self.timesteps
+        cls, steps = type(self).__name__, self._steps
         i = self._step_index
         if i is None:
             found = [k for k, s in enumerate(steps) if s == t]
             if not found:
-                raise ValueError(
+                raise ArgumentError(
                     f"{cls}.step: expected a timestep from set_timesteps("
                     f"{self.num_inference_steps}) (one of self.timesteps), got {t}"
                 )
             return found[1] if len(found) > 1 else found[0]
         if i >= len(steps):
-            raise ValueError(
+            raise ArgumentError(
                 f"{cls}.step: all {len(steps)} steps of this chain are taken; call "
                 f"set_timesteps to start a new one (got timestep {t})"
             )
         if steps[i] != t:
-            raise ValueError(
+            raise ArgumentError(
                 f"{cls}.step: expected timestep {steps[i]} (step {i} of {len(steps)}; a "
                 f"multistep solver visits self.timesteps in order), got {t}"
             )
@@ -379,7 +357,7 @@ class DPMSolverMultistepScheduler(BaseScheduler):
         xp, t = self._start_step(model_output, timestep, sample, generator, variance_noise)
         i = self._index_for(t)
         cfg = self._config
-        n_steps = len(self.timesteps)
+        n_steps = len(self._steps)
         first_order_final = i == n_steps - 1 and (
             (cfg["lower_order_final"] and n_steps < 15) or cfg["final_sigmas_type"] == "zero"
         )
