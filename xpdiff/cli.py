@@ -1,4 +1,4 @@
-"""Command line: ``xpdiff train | sample | evaluate | noise-figure``.
+"""Command line: ``xpdiff train | sample | evaluate | export | noise-figure``.
 
 A user error (a bad flag value, a missing or corrupt file, a busy run directory) prints one
 line ``error: ...`` on stderr and exits with status 2; ``--debug`` (or ``XPDIFF_DEBUG=1``)
@@ -150,6 +150,15 @@ def _noise_figure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .pipelines import export_run
+
+    out = export_run(args.run, args.out)
+    print(f"wrote {out}: a diffusers pipeline (DiffusionPipeline.from_pretrained) with the EMA "
+          f"weights and the run's DDIM sampler; see {out / 'README.md'}")
+    return 0
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows ``(default: X)`` after every flag that has a default (not None, not a switch)."""
 
@@ -264,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", choices=backends, default="numpy", help="array library")
     e.add_argument("--json", help="also write the report to this JSON file (default: none)")
     e.set_defaults(func=_evaluate)
+
+    x = sub.add_parser("export", help="write a run as a folder diffusers loads",
+                       formatter_class=fmt, parents=[common])
+    x.add_argument("run", help="run directory (its latest checkpoint) or checkpoint directory")
+    x.add_argument("out", help="folder to write: model_index.json, unet/ (EMA weights), "
+                   "scheduler/ (the run's DDIM sampler) and README.md")
+    x.set_defaults(func=_export)
 
     n = sub.add_parser("noise-figure", help="one digit at increasing noise levels (PNG)",
                        formatter_class=fmt, parents=[common])
