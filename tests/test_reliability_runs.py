@@ -435,7 +435,7 @@ def test_read_errors_name_the_file(run, tmp_path):
         UNet2DModel.from_pretrained(ckpt / "unet")
     sched = ckpt / "scheduler" / "scheduler_config.json"
     sched.write_bytes(b"{\"beta_schedule\": \"\xff\xfe\"}")
-    with pytest.raises(ValueError, match=rf"{sched}.* is not JSON"):
+    with pytest.raises(ValueError, match=rf"{sched}: not valid JSON"):
         DDPMScheduler.from_pretrained(ckpt / "scheduler")
     state = ckpt / "trainer_state.json"
     state.write_bytes(b"\xff\xfe{}")
