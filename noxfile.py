@@ -20,7 +20,7 @@ SINGLE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_T
 def tests_numpy(session: nox.Session) -> None:
     """The whole suite on numpy, array_api_strict and torch namespaces, with the oracle tests."""
     session.install(*ORACLE)
-    session.install("-e", ".[test,data]")
+    session.install("-e", ".[test]")
     session.run(
         "pytest", *session.posargs,
         env={"XPDIFF_TEST_BACKENDS": "numpy,array_api_strict,torch", "XPDIFF_BACKEND": "numpy",
@@ -31,7 +31,7 @@ def tests_numpy(session: nox.Session) -> None:
 @nox.session(name="tests-cupy")
 def tests_cupy(session: nox.Session) -> None:
     """The same suite on CuPy; without a CUDA device it says so and tests nothing."""
-    session.install("-e", ".[test,data,cuda]")
+    session.install("-e", ".[test,cuda]")
     probe = "from xpdiff.backend import cupy_status; ok, why = cupy_status(); print(ok, why)"
     out = (session.run("python", "-c", probe, silent=True) or "").strip()
     if not out.startswith("True"):

