@@ -22,9 +22,13 @@ def tests_numpy(session: nox.Session) -> None:
     session.install(*ORACLE)
     session.install("-e", ".[test]")
     session.run(
-        "pytest", *session.posargs,
-        env={"XPDIFF_TEST_BACKENDS": "numpy,array_api_strict,torch", "XPDIFF_BACKEND": "numpy",
-             **SINGLE_THREAD},
+        "pytest",
+        *session.posargs,
+        env={
+            "XPDIFF_TEST_BACKENDS": "numpy,array_api_strict,torch",
+            "XPDIFF_BACKEND": "numpy",
+            **SINGLE_THREAD,
+        },
     )
 
 
@@ -39,7 +43,8 @@ def tests_cupy(session: nox.Session) -> None:
         return
     session.install(*ORACLE)
     session.run(
-        "pytest", *session.posargs,
+        "pytest",
+        *session.posargs,
         env={"XPDIFF_TEST_BACKENDS": "cupy", "XPDIFF_BACKEND": "cupy", **SINGLE_THREAD},
     )
 

@@ -1,6 +1,6 @@
 """Draw the digits 0-9 from a trained run, with DDIM and classifier-free guidance.
 
-    python examples/sample_digits.py runs/example --out digits.png [--backend cupy]
+python examples/sample_digits.py runs/example --out digits.png [--backend cupy]
 """
 
 import argparse
@@ -23,8 +23,15 @@ def main() -> None:
     # spoils guided samples under the cosine schedule
     scheduler = config.sampling_scheduler("ddim")
     labels = [digit for digit in range(10) for _ in range(8)]
-    result = generate(model, scheduler, labels, num_inference_steps=50,
-                      guidance_scale=args.guidance, null_class=config.null_class, seed=0)
+    result = generate(
+        model,
+        scheduler,
+        labels,
+        num_inference_steps=50,
+        guidance_scale=args.guidance,
+        null_class=config.null_class,
+        seed=0,
+    )
     save_grid(result.images, args.out, nrow=8)
     print(f"wrote {args.out}")
 

@@ -64,8 +64,11 @@ def test_library_name_and_namespace_for(name):
 
 
 def test_namespace_for_unknown():
-    with pytest.raises(ValueError, match=r"namespace_for: expected numpy, cupy, torch or "
-                                         r"array_api_strict, got 'jax'"):
+    with pytest.raises(
+        ValueError,
+        match=r"namespace_for: expected numpy, cupy, torch or "
+        r"array_api_strict, got 'jax'",
+    ):
         backend.namespace_for("jax")
 
 
@@ -97,8 +100,11 @@ def test_xpdiff_backend_environment(clean_backend, monkeypatch):
 def test_set_backend(clean_backend):
     backend.set_backend("numpy")
     assert backend.get_backend() == "numpy" and xpdiff.get_backend() == "numpy"
-    with pytest.raises(ValueError, match=r"set_backend: expected one of \('numpy', 'cupy'\), "
-                                         r"got 'torch'"):
+    with pytest.raises(
+        ValueError,
+        match=r"set_backend: expected one of \('numpy', 'cupy'\), "
+        r"got 'torch'",
+    ):
         backend.set_backend("torch")
     assert backend.get_backend() == "numpy"
 
@@ -164,8 +170,9 @@ def test_to_namespace(xp):
     a = backend.to_namespace(host, xp)
     assert backend.get_namespace(a) is xp and backend.dtype_name(a.dtype) == "int64"
     assert backend.to_namespace(a, xp) is a  # already there: no copy
-    f = backend.to_namespace(backend.asarray(np.ones(2, np.float32), xp),
-                             backend.namespace_for("numpy"))
+    f = backend.to_namespace(
+        backend.asarray(np.ones(2, np.float32), xp), backend.namespace_for("numpy")
+    )
     assert isinstance(f, np.ndarray) and f.dtype == np.float32
 
 
@@ -231,8 +238,9 @@ def test_generator_device(xp, device_f32):
 # ---------------------------------------------------------------------------
 # sliding windows: shape contract (values are checked in test_functional)
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize(("H", "W", "k", "s", "want"), [(5, 7, 3, 1, (3, 5)), (5, 7, 3, 2, (2, 3)),
-                                                        (4, 4, 1, 2, (2, 2))])
+@pytest.mark.parametrize(
+    ("H", "W", "k", "s", "want"), [(5, 7, 3, 1, (3, 5)), (5, 7, 3, 2, (2, 3)), (4, 4, 1, 2, (2, 2))]
+)
 def test_sliding_windows_shape(xp, H, W, k, s, want):
     x = xp.zeros((2, 3, H, W), dtype=xp.float32)
     assert tuple(backend.sliding_windows(x, k, k, s).shape) == (2, 3, *want, k, k)
@@ -247,14 +255,14 @@ def test_sliding_windows_shape(xp, H, W, k, s, want):
 def test_exp_inplace(xp):
     vals = np.linspace(-30.0, 5.0, 24, dtype=np.float32).reshape(2, 3, 4)
     x = backend.asarray(vals, xp)
-    want = backend.to_numpy(xp.exp(backend.asarray(vals, xp)))    # the library's own exp
+    want = backend.to_numpy(xp.exp(backend.asarray(vals, xp)))  # the library's own exp
     got = backend.exp_inplace(x)
     assert backend.get_namespace(got) is backend.get_namespace(x)
     np.testing.assert_array_equal(backend.to_numpy(got), want)
     if backend.library_name(xp) in ("numpy", "cupy"):
-        assert got is x                       # written over the temporary, no new array
+        assert got is x  # written over the temporary, no new array
     else:
-        np.testing.assert_array_equal(backend.to_numpy(x), vals)    # input left alone
+        np.testing.assert_array_equal(backend.to_numpy(x), vals)  # input left alone
 
 
 def test_reciprocal_inplace(xp):
@@ -281,9 +289,10 @@ def test_matmul_into_writes_only_its_rows(xp):
     assert (got[:2] == 0).all() and (got[5:] == 0).all()
 
 
-@pytest.mark.parametrize(("per_sample", "batch", "tile", "want"),
-                         [(100, 64, 1000, 10), (100, 64, 10**9, 64), (10**9, 64, 1000, 1),
-                          (100, 3, 1000, 3)])
+@pytest.mark.parametrize(
+    ("per_sample", "batch", "tile", "want"),
+    [(100, 64, 1000, 10), (100, 64, 10**9, 64), (10**9, 64, 1000, 1), (100, 3, 1000, 3)],
+)
 def test_tile_samples(xp, monkeypatch, per_sample, batch, tile, want):
     monkeypatch.setattr(backend, "TILE_BYTES", tile)
     assert backend.tile_samples(per_sample, batch, xp) == want
@@ -332,31 +341,41 @@ def forbidden_imports(source: str, filename: str = "<source>") -> list[str]:
             if bad(node.module):
                 hits.append(f"line {node.lineno}: from {node.module} import ...")
             elif node.module == "array_api_compat":
-                hits += [f"line {node.lineno}: from array_api_compat import {a.name}"
-                         for a in node.names if a.name in FORBIDDEN]
+                hits += [
+                    f"line {node.lineno}: from array_api_compat import {a.name}"
+                    for a in node.names
+                    if a.name in FORBIDDEN
+                ]
         elif isinstance(node, ast.Call) and node.args:
             f = node.func
             fname = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
             arg = node.args[0]
-            if (fname in ("import_module", "__import__") and isinstance(arg, ast.Constant)
-                    and isinstance(arg.value, str) and bad(arg.value)):
+            if (
+                fname in ("import_module", "__import__")
+                and isinstance(arg, ast.Constant)
+                and isinstance(arg.value, str)
+                and bad(arg.value)
+            ):
                 hits.append(f"line {node.lineno}: {fname}({arg.value!r})")
     return hits
 
 
-@pytest.mark.parametrize(("source", "n"), [
-    ("import numpy as np", 1),
-    ("import os, torch.nn", 1),
-    ("from cupy import asarray", 1),
-    ("from numpy.lib import stride_tricks", 1),
-    ("import array_api_compat.numpy as xp", 1),
-    ("from array_api_compat import torch", 1),
-    ("def f():\n    import torch\n    return torch", 1),
-    ("import importlib\nm = importlib.import_module('cupy')", 1),
-    ("np = __import__('numpy')", 1),
-    ("from . import backend\nfrom .numpy_like import x\nimport numpyro\nimport math", 0),
-    ("import array_api_compat\nimport array_api_strict", 0),
-])
+@pytest.mark.parametrize(
+    ("source", "n"),
+    [
+        ("import numpy as np", 1),
+        ("import os, torch.nn", 1),
+        ("from cupy import asarray", 1),
+        ("from numpy.lib import stride_tricks", 1),
+        ("import array_api_compat.numpy as xp", 1),
+        ("from array_api_compat import torch", 1),
+        ("def f():\n    import torch\n    return torch", 1),
+        ("import importlib\nm = importlib.import_module('cupy')", 1),
+        ("np = __import__('numpy')", 1),
+        ("from . import backend\nfrom .numpy_like import x\nimport numpyro\nimport math", 0),
+        ("import array_api_compat\nimport array_api_strict", 0),
+    ],
+)
 def test_import_rule_checker(source, n):
     assert len(forbidden_imports(source)) == n
 

@@ -76,8 +76,11 @@ def test_classifier_seed_is_deterministic_and_leaves_global_init_alone():
 
 def test_classifier_rejects_wrong_size():
     model = DigitClassifier(14)
-    with pytest.raises(ValueError, match=r"expected images of shape \(B, 1, 14, 14\), got "
-                                         r"\(2, 1, 28, 28\).*classifier of size 28"):
+    with pytest.raises(
+        ValueError,
+        match=r"expected images of shape \(B, 1, 14, 14\), got "
+        r"\(2, 1, 28, 28\).*classifier of size 28",
+    ):
         model(np.zeros((2, 1, 28, 28), np.float32))
     with pytest.raises(ValueError, match=r"\(B, 1, 14, 14\), got \(2, 14, 14\)"):
         model(np.zeros((2, 14, 14), np.float32))
@@ -197,8 +200,9 @@ def test_cache_second_call_loads(trained14, prepared14, monkeypatch):
     monkeypatch.setattr(ev, "train_classifier", no_training)
     again = load_or_train_classifier(14, **QUICK)
     x = prepared14.x_test[:200]
-    np.testing.assert_array_equal(backend.to_numpy(model.logits(x)),
-                                  backend.to_numpy(again.logits(x)))
+    np.testing.assert_array_equal(
+        backend.to_numpy(model.logits(x)), backend.to_numpy(again.logits(x))
+    )
     assert again.info["heldout_accuracy"] == model.info["heldout_accuracy"]
 
     # another recipe is another cache entry (so it would train)
@@ -245,8 +249,11 @@ def test_evaluate_errors(prepared14):
     with pytest.raises(ValueError, match=r"image/label count mismatch: 20 images but 19 labels"):
         evaluate_samples(model, x, prepared14.y_test[:19], x)
     big = np.zeros((20, 1, 28, 28), np.float32)
-    with pytest.raises(ValueError, match=r"generated images of shape \(B, 1, 14, 14\), got "
-                                         r"\(20, 1, 28, 28\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"generated images of shape \(B, 1, 14, 14\), got "
+        r"\(20, 1, 28, 28\)",
+    ):
         evaluate_samples(model, big, prepared14.y_test[:20], x)
     with pytest.raises(ValueError, match=r"real images of shape \(B, 1, 14, 14\)"):
         evaluate_samples(model, x, prepared14.y_test[:20], big)

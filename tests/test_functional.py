@@ -14,11 +14,7 @@ from xpdiff.functional import conv as fc
 
 # (H, W, k, stride, pad): strides 1/2, padding 0/1, kernels 1/3, square and non-square
 CONV_CASES = [
-    (h, w, k, s, p)
-    for (h, w) in [(5, 7), (4, 4)]
-    for k in (1, 3)
-    for s in (1, 2)
-    for p in (0, 1)
+    (h, w, k, s, p) for (h, w) in [(5, 7), (4, 4)] for k in (1, 3) for s in (1, 2) for p in (0, 1)
 ]
 CONV_IDS = [f"{h}x{w}-k{k}-s{s}-p{p}" for (h, w, k, s, p) in CONV_CASES]
 
@@ -190,9 +186,10 @@ def test_layout_conversions_round_trip(xp):
     _assert_allclose(fc.to_channels_first(last), x, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(("n", "k", "s", "p", "want"), [(5, 3, 1, 0, 3), (5, 3, 2, 1, 3),
-                                                         (7, 3, 2, 0, 3), (4, 1, 2, 0, 2),
-                                                         (28, 3, 1, 1, 28)])
+@pytest.mark.parametrize(
+    ("n", "k", "s", "p", "want"),
+    [(5, 3, 1, 0, 3), (5, 3, 2, 1, 3), (7, 3, 2, 0, 3), (4, 1, 2, 0, 2), (28, 3, 1, 1, 28)],
+)
 def test_conv_output_size(n, k, s, p, want):
     assert fc.conv_output_size(n, k, s, p) == want
 
@@ -202,8 +199,9 @@ def test_conv_output_size(n, k, s, p, want):
 # ---------------------------------------------------------------------------
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize(("H", "W", "k", "s", "p"), CONV_CASES + [(4, 5, 1, 1, 1)],
-                         ids=CONV_IDS + ["H4W5k1s1p1"])
+@pytest.mark.parametrize(
+    ("H", "W", "k", "s", "p"), CONV_CASES + [(4, 5, 1, 1, 1)], ids=CONV_IDS + ["H4W5k1s1p1"]
+)
 def test_conv2d_forward_backward_match_loops(xp, H, W, k, s, p, bias, layout):
     rng = _rng(2, H, W, k, s, p, bias)
     x = rng.standard_normal((3, 3, H, W))
@@ -211,8 +209,9 @@ def test_conv2d_forward_backward_match_loops(xp, H, W, k, s, p, bias, layout):
     b = rng.standard_normal(4) if bias else None
     to = _nhwc if layout == "NHWC" else np.ascontiguousarray
     back = _nchw if layout == "NHWC" else np.ascontiguousarray
-    y, cache = fc.conv2d_forward(_to(xp, to(x)), _to(xp, w), None if b is None else _to(xp, b),
-                                 s, p, layout=layout)
+    y, cache = fc.conv2d_forward(
+        _to(xp, to(x)), _to(xp, w), None if b is None else _to(xp, b), s, p, layout=layout
+    )
     assert backend.get_namespace(y) is xp
     _assert_allclose(y, to(ref_conv(x, w, b, s, p)))
 
@@ -255,7 +254,7 @@ def test_conv2d_and_group_norm_on_tile_threads_match_one_thread(monkeypatch, k, 
     x = _to(xp, rng.standard_normal((7, 5, 5, 4)))
     w = _to(xp, rng.standard_normal((6, 4, k, k)))
     gw_, gb_ = _to(xp, rng.standard_normal(4)), _to(xp, rng.standard_normal(4))
-    monkeypatch.setattr(backend, "TILE_BYTES", 2000)      # several tiles of 1-2 samples
+    monkeypatch.setattr(backend, "TILE_BYTES", 2000)  # several tiles of 1-2 samples
     out = {}
     for threads in ("1", "2"):
         monkeypatch.setenv("XPDIFF_NUM_THREADS", threads)
@@ -290,9 +289,10 @@ def ref_windows(x: np.ndarray, kh: int, kw: int, s: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("view", ["contiguous", "offset-slice", "transposed"])
-@pytest.mark.parametrize(("H", "W", "kh", "kw", "s"), [(5, 7, 3, 3, 1), (5, 7, 3, 3, 2),
-                                                       (6, 4, 2, 3, 2), (4, 4, 1, 1, 1),
-                                                       (7, 5, 3, 1, 3)])
+@pytest.mark.parametrize(
+    ("H", "W", "kh", "kw", "s"),
+    [(5, 7, 3, 3, 1), (5, 7, 3, 3, 2), (6, 4, 2, 3, 2), (4, 4, 1, 1, 1), (7, 5, 3, 1, 3)],
+)
 def test_sliding_windows_match_slicing(xp, H, W, kh, kw, s, view):
     rng = _rng(3, H, W, kh, kw, s)
     # build the input in xp first so that views are the library's own (strided) views
@@ -313,8 +313,7 @@ def test_sliding_windows_match_slicing(xp, H, W, kh, kw, s, view):
     assert tuple(win.shape) == want.shape
     np.testing.assert_array_equal(backend.to_numpy(win), want)
     # channels-last: (B, H, W, C) -> (B, Ho, Wo, kh, kw, C), from a permuted view of x
-    last = backend.sliding_windows(xp.permute_dims(x, (0, 2, 3, 1)), kh, kw, s,
-                                   channels_last=True)
+    last = backend.sliding_windows(xp.permute_dims(x, (0, 2, 3, 1)), kh, kw, s, channels_last=True)
     assert backend.get_namespace(last) is xp
     np.testing.assert_array_equal(backend.to_numpy(last), np.transpose(want, (0, 2, 3, 4, 5, 1)))
 
@@ -349,13 +348,14 @@ def ref_sdpa(q, k, v, go, scale):
 @pytest.mark.parametrize(("N", "M"), [(5, 5), (4, 7)], ids=["self", "cross"])
 def test_sdpa_matches_loops_and_keeps_no_attention_matrix(xp, monkeypatch, N, M, tile_bytes):
     from xpdiff.functional import attention as fa
+
     rng = _rng(7, N, M)
     B, h, d = 2, 3, 4
-    q = rng.standard_normal((B, h, N, d)) * 2.0   # large scores: the max shift matters
+    q = rng.standard_normal((B, h, N, d)) * 2.0  # large scores: the max shift matters
     k = rng.standard_normal((B, h, M, d)) * 2.0
     v = rng.standard_normal((B, h, M, d))
     go = rng.standard_normal((B, h, N, d))
-    scale = d ** -0.5
+    scale = d**-0.5
 
     def tok(a):  # (B, h, N, d) -> the token-major (B, N, h, d) that sdpa takes
         return np.ascontiguousarray(np.transpose(a, (0, 2, 1, 3)))

@@ -121,8 +121,11 @@ def test_downsample_padding_0_matches_torch(layout, hw):
 def test_dropout_model_refuses_to_train():
     m = UNet2DModel(**{**GOOGLE_DDPM, "dropout": 0.1}, xp=np)
     x, t = _inputs()
-    with pytest.raises(ValueError, match=r"dropout=0.1 is only supported at inference.*"
-                                         r"training with dropout is not implemented"):
+    with pytest.raises(
+        ValueError,
+        match=r"dropout=0.1 is only supported at inference.*"
+        r"training with dropout is not implemented",
+    ):
         m(x, t)
     with no_grad():
         assert m(x, t).shape == x.shape
@@ -146,8 +149,11 @@ def test_variant_file_names_and_missing_variant(tmp_path):
     m = UNet2DModel(**{**GOOGLE_DDPM, "dropout": 0.0}, xp=np)
     m.save_pretrained(tmp_path, variant="fp16")
     assert (tmp_path / "diffusion_pytorch_model.fp16.safetensors").is_file()
-    with pytest.raises(FileNotFoundError, match=r"found diffusion_pytorch_model.fp16.safetensors "
-                                                r"\(pass variant=...\)"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"found diffusion_pytorch_model.fp16.safetensors "
+        r"\(pass variant=...\)",
+    ):
         UNet2DModel.from_pretrained(tmp_path, xp=np)
     again = UNet2DModel.from_pretrained(tmp_path, variant="fp16", xp=np)
     for key, value in m.state_dict().items():
@@ -158,8 +164,11 @@ def test_pickle_only_directory_is_refused(tmp_path):
     theirs = _random_diffusers_unet({**GOOGLE_DDPM, "dropout": 0.0})
     theirs.save_pretrained(tmp_path, safe_serialization=False)
     assert (tmp_path / "diffusion_pytorch_model.bin").is_file()
-    with pytest.raises(ValueError, match=r"only pickle weights \(diffusion_pytorch_model.bin\), "
-                                         r"which xpdiff never loads"):
+    with pytest.raises(
+        ValueError,
+        match=r"only pickle weights \(diffusion_pytorch_model.bin\), "
+        r"which xpdiff never loads",
+    ):
         UNet2DModel.from_pretrained(tmp_path, xp=np)
 
 
@@ -176,8 +185,11 @@ def test_bfloat16_bits_convert_exactly(tmp_path):
 
 def test_save_pretrained_warns_when_diffusers_cannot_run_the_size(tmp_path):
     cfg = {**GOOGLE_DDPM, "dropout": 0.0, "sample_size": 7}
-    with pytest.warns(UserWarning, match=r"sample_size 7 is not divisible by 2\^\(levels - 1\) "
-                                         r"= 2; xpdiff runs this model but diffusers"):
+    with pytest.warns(
+        UserWarning,
+        match=r"sample_size 7 is not divisible by 2\^\(levels - 1\) "
+        r"= 2; xpdiff runs this model but diffusers",
+    ):
         UNet2DModel(**cfg, xp=np).save_pretrained(tmp_path / "odd")
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -13,9 +13,19 @@ from xpdiff.cli import main
 from xpdiff.nn.module import no_grad
 from xpdiff.training import TrainConfig, Trainer, load_for_sampling
 
-TINY = dict(block_out_channels=[8, 16], norm_num_groups=4, attention_head_dim=8, batch_size=8,
-            max_steps=2, checkpoint_every=2, log_every=1, warmup_steps=1, sample_steps=5,
-            size=14, guidance_scale=1.5)
+TINY = dict(
+    block_out_channels=[8, 16],
+    norm_num_groups=4,
+    attention_head_dim=8,
+    batch_size=8,
+    max_steps=2,
+    checkpoint_every=2,
+    log_every=1,
+    warmup_steps=1,
+    sample_steps=5,
+    size=14,
+    guidance_scale=1.5,
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +42,9 @@ def test_export_loads_in_diffusers_and_samples_as_xpdiff(run, tmp_path, capsys):
     assert main(["export", str(run), str(out)]) == 0
     assert "wrote" in capsys.readouterr().out
     assert json.loads((out / "model_index.json").read_text())["scheduler"] == [
-        "diffusers", "DDIMScheduler"]
+        "diffusers",
+        "DDIMScheduler",
+    ]
 
     pipe = diffusers.DiffusionPipeline.from_pretrained(out)
     model, cfg = load_for_sampling(run)  # EMA weights by default
@@ -62,8 +74,11 @@ def test_export_loads_in_diffusers_and_samples_as_xpdiff(run, tmp_path, capsys):
             both = model(np.concatenate([x, x]), t, np.concatenate([labels, null]))
             eps = both[2:] + g * (both[:2] - both[2:])
             x = sched.step(eps, t, x).prev_sample
-            bt = pipe.unet(torch.cat([xt, xt]), int(t),
-                           class_labels=torch.from_numpy(np.concatenate([labels, null]))).sample
+            bt = pipe.unet(
+                torch.cat([xt, xt]),
+                int(t),
+                class_labels=torch.from_numpy(np.concatenate([labels, null])),
+            ).sample
             xt = pipe.scheduler.step(bt[2:] + g * (bt[:2] - bt[2:]), int(t), xt).prev_sample
     np.testing.assert_allclose(xt.numpy(), x, rtol=0, atol=1e-4)
 

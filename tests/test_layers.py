@@ -117,8 +117,13 @@ class ChannelsLast(Module):
 
 def _channels_last(case: Case, make) -> Case:
     """The same case with the layer built channels-last (``make(xp, dtype)``)."""
-    return Case(case.id + "-NHWC", lambda xp, dt: ChannelsLast(make(xp, dt)), case.data,
-                case.torch_mod, case.cached)
+    return Case(
+        case.id + "-NHWC",
+        lambda xp, dt: ChannelsLast(make(xp, dt)),
+        case.data,
+        case.torch_mod,
+        case.cached,
+    )
 
 
 def _conv_case(C, O, k, s, p, H, W, bias=True, layout="NCHW"):
@@ -130,20 +135,39 @@ def _conv_case(C, O, k, s, p, H, W, bias=True, layout="NCHW"):
     )
     if layout == "NCHW":
         return case
-    return _channels_last(case, lambda xp, dt: Conv2d(C, O, k, s, p, bias, layout=layout,
-                                                      dtype=dt, xp=xp))
+    return _channels_last(
+        case, lambda xp, dt: Conv2d(C, O, k, s, p, bias, layout=layout, dtype=dt, xp=xp)
+    )
 
 
 def _attention_case(C, heads, dim_head, groups, rescale, H, W, layout="NCHW"):
     case = Case(
         f"Attention-C{C}-h{heads}-d{dim_head}-g{groups}-r{rescale}-{H}x{W}",
-        lambda xp, dt: Attention(C, heads, dim_head, rescale_output_factor=rescale, eps=1e-5,
-                                 norm_num_groups=groups, layout=layout, dtype=dt, xp=xp),
+        lambda xp, dt: Attention(
+            C,
+            heads,
+            dim_head,
+            rescale_output_factor=rescale,
+            eps=1e-5,
+            norm_num_groups=groups,
+            layout=layout,
+            dtype=dt,
+            xp=xp,
+        ),
         _img(2, C, H, W),
         # the kwargs diffusers' UNet2DModel passes (_from_deprecated_attn_block)
-        lambda m: DAttention(C, heads=heads, dim_head=dim_head, rescale_output_factor=rescale,
-                             eps=1e-5, norm_num_groups=groups, residual_connection=True,
-                             bias=True, upcast_softmax=True, _from_deprecated_attn_block=True),
+        lambda m: DAttention(
+            C,
+            heads=heads,
+            dim_head=dim_head,
+            rescale_output_factor=rescale,
+            eps=1e-5,
+            norm_num_groups=groups,
+            residual_connection=True,
+            bias=True,
+            upcast_softmax=True,
+            _from_deprecated_attn_block=True,
+        ),
     )
     return case if layout == "NCHW" else _channels_last(case, case.make)
 
@@ -154,8 +178,9 @@ def _upsample_case(C, O, H, W, size, use_conv=True, layout="NCHW"):
 
     case = Case(
         f"Upsample2D-{C}to{O}-{H}x{W}-to-{size or 'x2'}" + ("" if use_conv else "-noconv"),
-        lambda xp, dt: Upsample2D(C, use_conv=use_conv, out_channels=O, layout=layout,
-                                  dtype=dt, xp=xp),
+        lambda xp, dt: Upsample2D(
+            C, use_conv=use_conv, out_channels=O, layout=layout, dtype=dt, xp=xp
+        ),
         data,
         lambda m: DUpsample2D(C, use_conv=use_conv, out_channels=O),
     )
@@ -169,12 +194,26 @@ def _resnet_case(C, O, T, groups, scale, H, W, layout="NCHW"):
 
     case = Case(
         f"ResnetBlock2D-{C}to{O}-temb{T}-g{groups}-s{scale}-{H}x{W}",
-        lambda xp, dt: ResnetBlock2D(in_channels=C, out_channels=O, temb_channels=T, groups=groups,
-                                     eps=1e-6, output_scale_factor=scale, layout=layout,
-                                     dtype=dt, xp=xp),
+        lambda xp, dt: ResnetBlock2D(
+            in_channels=C,
+            out_channels=O,
+            temb_channels=T,
+            groups=groups,
+            eps=1e-6,
+            output_scale_factor=scale,
+            layout=layout,
+            dtype=dt,
+            xp=xp,
+        ),
         data,
-        lambda m: DResnetBlock2D(in_channels=C, out_channels=O, temb_channels=T, groups=groups,
-                                 eps=1e-6, output_scale_factor=scale),
+        lambda m: DResnetBlock2D(
+            in_channels=C,
+            out_channels=O,
+            temb_channels=T,
+            groups=groups,
+            eps=1e-6,
+            output_scale_factor=scale,
+        ),
     )
     return case if layout == "NCHW" else _channels_last(case, case.make)
 
@@ -184,37 +223,69 @@ def _mse_data(rng):
 
 
 CASES = [
-    Case("Linear-2d", lambda xp, dt: Linear(5, 3, dtype=dt, xp=xp),
-         lambda rng: ([rng.standard_normal((4, 5))], {}), lambda m: torch.nn.Linear(5, 3)),
-    Case("Linear-3d-nobias", lambda xp, dt: Linear(4, 6, bias=False, dtype=dt, xp=xp),
-         lambda rng: ([rng.standard_normal((2, 3, 4))], {}),
-         lambda m: torch.nn.Linear(4, 6, bias=False)),
+    Case(
+        "Linear-2d",
+        lambda xp, dt: Linear(5, 3, dtype=dt, xp=xp),
+        lambda rng: ([rng.standard_normal((4, 5))], {}),
+        lambda m: torch.nn.Linear(5, 3),
+    ),
+    Case(
+        "Linear-3d-nobias",
+        lambda xp, dt: Linear(4, 6, bias=False, dtype=dt, xp=xp),
+        lambda rng: ([rng.standard_normal((2, 3, 4))], {}),
+        lambda m: torch.nn.Linear(4, 6, bias=False),
+    ),
     *[_conv_case(3, 4, k, s, p, 5, 7) for k in (1, 3) for s in (1, 2) for p in (0, 1)],
     _conv_case(2, 3, 3, 1, 1, 4, 4, bias=False),
-    Case("GroupNorm-4d", lambda xp, dt: GroupNorm(2, 6, eps=1e-5, dtype=dt, xp=xp),
-         _img(2, 6, 3, 4), lambda m: torch.nn.GroupNorm(2, 6, eps=1e-5)),
-    Case("GroupNorm-3d-g1", lambda xp, dt: GroupNorm(1, 4, eps=1e-6, dtype=dt, xp=xp),
-         lambda rng: ([rng.standard_normal((3, 4, 5))], {}),
-         lambda m: torch.nn.GroupNorm(1, 4, eps=1e-6)),
-    Case("GroupNorm-2d", lambda xp, dt: GroupNorm(4, 8, dtype=dt, xp=xp),
-         lambda rng: ([rng.standard_normal((3, 8))], {}), lambda m: torch.nn.GroupNorm(4, 8)),
+    Case(
+        "GroupNorm-4d",
+        lambda xp, dt: GroupNorm(2, 6, eps=1e-5, dtype=dt, xp=xp),
+        _img(2, 6, 3, 4),
+        lambda m: torch.nn.GroupNorm(2, 6, eps=1e-5),
+    ),
+    Case(
+        "GroupNorm-3d-g1",
+        lambda xp, dt: GroupNorm(1, 4, eps=1e-6, dtype=dt, xp=xp),
+        lambda rng: ([rng.standard_normal((3, 4, 5))], {}),
+        lambda m: torch.nn.GroupNorm(1, 4, eps=1e-6),
+    ),
+    Case(
+        "GroupNorm-2d",
+        lambda xp, dt: GroupNorm(4, 8, dtype=dt, xp=xp),
+        lambda rng: ([rng.standard_normal((3, 8))], {}),
+        lambda m: torch.nn.GroupNorm(4, 8),
+    ),
     Case("SiLU", lambda xp, dt: SiLU(), _img(2, 3, 4, 5), lambda m: TorchFn(F.silu)),
     Case("ReLU", lambda xp, dt: ReLU(), _img(2, 3, 4, 5), lambda m: TorchFn(F.relu)),
-    Case("Identity", lambda xp, dt: Identity(), _img(2, 3, 4, 5),
-         lambda m: torch.nn.Identity(), cached=False),
-    Case("Embedding-repeated", lambda xp, dt: Embedding(6, 4, dtype=dt, xp=xp),
-         lambda rng: ([np.array([1, 1, 4, 0, 1], dtype=np.int64)], {}),
-         lambda m: torch.nn.Embedding(6, 4)),
+    Case(
+        "Identity",
+        lambda xp, dt: Identity(),
+        _img(2, 3, 4, 5),
+        lambda m: torch.nn.Identity(),
+        cached=False,
+    ),
+    Case(
+        "Embedding-repeated",
+        lambda xp, dt: Embedding(6, 4, dtype=dt, xp=xp),
+        lambda rng: ([np.array([1, 1, 4, 0, 1], dtype=np.int64)], {}),
+        lambda m: torch.nn.Embedding(6, 4),
+    ),
     *[
-        Case(f"Timesteps-{dim}-flip{flip}-shift{shift}",
-             lambda xp, dt, dim=dim, flip=flip, shift=shift: Timesteps(dim, flip, shift),
-             lambda rng: ([np.array([0, 1, 17, 999], dtype=np.int64)], {}),
-             lambda m, dim=dim, flip=flip, shift=shift: DTimesteps(dim, flip, shift),
-             cached=False)
+        Case(
+            f"Timesteps-{dim}-flip{flip}-shift{shift}",
+            lambda xp, dt, dim=dim, flip=flip, shift=shift: Timesteps(dim, flip, shift),
+            lambda rng: ([np.array([0, 1, 17, 999], dtype=np.int64)], {}),
+            lambda m, dim=dim, flip=flip, shift=shift: DTimesteps(dim, flip, shift),
+            cached=False,
+        )
         for dim, flip, shift in [(8, True, 0), (8, False, 1), (7, True, 1), (9, False, 0)]
     ],
-    Case("TimestepEmbedding", lambda xp, dt: TimestepEmbedding(6, 8, dtype=dt, xp=xp),
-         lambda rng: ([rng.standard_normal((3, 6))], {}), lambda m: DTimestepEmbedding(6, 8)),
+    Case(
+        "TimestepEmbedding",
+        lambda xp, dt: TimestepEmbedding(6, 8, dtype=dt, xp=xp),
+        lambda rng: ([rng.standard_normal((3, 6))], {}),
+        lambda m: DTimestepEmbedding(6, 8),
+    ),
     _attention_case(8, 2, 4, 2, 1.0, 3, 3),
     _attention_case(6, 1, 6, 3, 2.0, 2, 3),
     _attention_case(4, 3, 2, 1, 0.5, 3, 2),
@@ -224,46 +295,81 @@ CASES = [
     _upsample_case(2, 3, 3, 4, (5, 7)),
     _upsample_case(2, 2, 3, 3, (6, 6)),
     _upsample_case(2, 2, 4, 3, (7, 5), use_conv=False),
-    Case("Downsample2D-4x4", lambda xp, dt: Downsample2D(3, use_conv=True, dtype=dt, xp=xp),
-         _img(2, 3, 4, 4), lambda m: DDownsample2D(3, use_conv=True, padding=1)),
-    Case("Downsample2D-3to4-5x7",
-         lambda xp, dt: Downsample2D(3, use_conv=True, out_channels=4, dtype=dt, xp=xp),
-         _img(2, 3, 5, 7), lambda m: DDownsample2D(3, use_conv=True, out_channels=4, padding=1)),
+    Case(
+        "Downsample2D-4x4",
+        lambda xp, dt: Downsample2D(3, use_conv=True, dtype=dt, xp=xp),
+        _img(2, 3, 4, 4),
+        lambda m: DDownsample2D(3, use_conv=True, padding=1),
+    ),
+    Case(
+        "Downsample2D-3to4-5x7",
+        lambda xp, dt: Downsample2D(3, use_conv=True, out_channels=4, dtype=dt, xp=xp),
+        _img(2, 3, 5, 7),
+        lambda m: DDownsample2D(3, use_conv=True, out_channels=4, padding=1),
+    ),
     _resnet_case(4, 4, 5, 2, 1.0, 4, 3),  # identity shortcut
     _resnet_case(4, 6, 5, 2, 2.0, 3, 3),  # 1x1 conv_shortcut, output_scale_factor != 1
     _resnet_case(2, 4, None, 1, 1.0, 3, 2),  # no time embedding
-    Case("MSELoss", lambda xp, dt: MSELoss(), _mse_data,
-         lambda m: TorchFn(lambda pred, target: F.mse_loss(pred, target))),
+    Case(
+        "MSELoss",
+        lambda xp, dt: MSELoss(),
+        _mse_data,
+        lambda m: TorchFn(lambda pred, target: F.mse_loss(pred, target)),
+    ),
     # channels-last: the layers a UNet2DModel runs inside, with layout="NHWC"
-    *[_conv_case(3, 4, k, s, p, 5, 7, layout="NHWC") for k in (1, 3) for s in (1, 2)
-      for p in (0, 1)],
+    *[
+        _conv_case(3, 4, k, s, p, 5, 7, layout="NHWC")
+        for k in (1, 3)
+        for s in (1, 2)
+        for p in (0, 1)
+    ],
     _conv_case(2, 3, 3, 1, 1, 4, 4, bias=False, layout="NHWC"),
-    Case("GroupNorm-4d-NHWC",
-         lambda xp, dt: ChannelsLast(GroupNorm(2, 6, eps=1e-5, layout="NHWC", dtype=dt, xp=xp)),
-         _img(2, 6, 3, 4), lambda m: torch.nn.GroupNorm(2, 6, eps=1e-5)),
-    Case("GroupNorm-SiLU-4d",
-         lambda xp, dt: GroupNorm(2, 6, eps=1e-5, activation="silu", dtype=dt, xp=xp),
-         _img(2, 6, 3, 4), lambda m: TorchGroupNormSiLU(2, 6, eps=1e-5)),
-    Case("GroupNorm-SiLU-noaffine",
-         lambda xp, dt: GroupNorm(2, 4, affine=False, activation="silu", dtype=dt, xp=xp),
-         _img(2, 4, 3, 3), lambda m: TorchGroupNormSiLU(2, 4, affine=False)),
-    Case("GroupNorm-SiLU-4d-NHWC",
-         lambda xp, dt: ChannelsLast(GroupNorm(2, 6, eps=1e-5, activation="silu",
-                                               layout="NHWC", dtype=dt, xp=xp)),
-         _img(2, 6, 3, 4), lambda m: TorchGroupNormSiLU(2, 6, eps=1e-5)),
-    Case("GroupNorm-4d-g3-NHWC",
-         lambda xp, dt: ChannelsLast(GroupNorm(3, 6, eps=1e-6, layout="NHWC", dtype=dt, xp=xp)),
-         _img(3, 6, 2, 5), lambda m: torch.nn.GroupNorm(3, 6, eps=1e-6)),
+    Case(
+        "GroupNorm-4d-NHWC",
+        lambda xp, dt: ChannelsLast(GroupNorm(2, 6, eps=1e-5, layout="NHWC", dtype=dt, xp=xp)),
+        _img(2, 6, 3, 4),
+        lambda m: torch.nn.GroupNorm(2, 6, eps=1e-5),
+    ),
+    Case(
+        "GroupNorm-SiLU-4d",
+        lambda xp, dt: GroupNorm(2, 6, eps=1e-5, activation="silu", dtype=dt, xp=xp),
+        _img(2, 6, 3, 4),
+        lambda m: TorchGroupNormSiLU(2, 6, eps=1e-5),
+    ),
+    Case(
+        "GroupNorm-SiLU-noaffine",
+        lambda xp, dt: GroupNorm(2, 4, affine=False, activation="silu", dtype=dt, xp=xp),
+        _img(2, 4, 3, 3),
+        lambda m: TorchGroupNormSiLU(2, 4, affine=False),
+    ),
+    Case(
+        "GroupNorm-SiLU-4d-NHWC",
+        lambda xp, dt: ChannelsLast(
+            GroupNorm(2, 6, eps=1e-5, activation="silu", layout="NHWC", dtype=dt, xp=xp)
+        ),
+        _img(2, 6, 3, 4),
+        lambda m: TorchGroupNormSiLU(2, 6, eps=1e-5),
+    ),
+    Case(
+        "GroupNorm-4d-g3-NHWC",
+        lambda xp, dt: ChannelsLast(GroupNorm(3, 6, eps=1e-6, layout="NHWC", dtype=dt, xp=xp)),
+        _img(3, 6, 2, 5),
+        lambda m: torch.nn.GroupNorm(3, 6, eps=1e-6),
+    ),
     _attention_case(8, 2, 4, 2, 1.0, 3, 3, layout="NHWC"),
     _attention_case(6, 1, 6, 3, 2.0, 2, 3, layout="NHWC"),
     _attention_case(4, 3, 2, 1, 0.5, 3, 2, layout="NHWC"),
     _upsample_case(3, 3, 4, 4, None, layout="NHWC"),
     _upsample_case(3, 2, 4, 4, (7, 7), layout="NHWC"),
     _upsample_case(2, 2, 4, 3, (7, 5), use_conv=False, layout="NHWC"),
-    Case("Downsample2D-3to4-5x7-NHWC",
-         lambda xp, dt: ChannelsLast(Downsample2D(3, use_conv=True, out_channels=4,
-                                                  layout="NHWC", dtype=dt, xp=xp)),
-         _img(2, 3, 5, 7), lambda m: DDownsample2D(3, use_conv=True, out_channels=4, padding=1)),
+    Case(
+        "Downsample2D-3to4-5x7-NHWC",
+        lambda xp, dt: ChannelsLast(
+            Downsample2D(3, use_conv=True, out_channels=4, layout="NHWC", dtype=dt, xp=xp)
+        ),
+        _img(2, 3, 5, 7),
+        lambda m: DDownsample2D(3, use_conv=True, out_channels=4, padding=1),
+    ),
     _resnet_case(4, 4, 5, 2, 1.0, 4, 3, layout="NHWC"),
     _resnet_case(4, 6, 5, 2, 2.0, 3, 3, layout="NHWC"),
     _resnet_case(2, 4, None, 1, 1.0, 3, 2, layout="NHWC"),
@@ -295,8 +401,9 @@ def _setup(case: Case, xp, dtype: str, device=None, seed: int = 0):
     rng = np.random.default_rng(seed + 1)
     host, hkw = case.data(rng)
     ins = [_move(xp, a, dtype, device) for a in host]
-    kw = {k: (_move(xp, v, dtype, device) if isinstance(v, np.ndarray) else v)
-          for k, v in hkw.items()}
+    kw = {
+        k: (_move(xp, v, dtype, device) if isinstance(v, np.ndarray) else v) for k, v in hkw.items()
+    }
     return m, ins, kw, host, hkw, rng
 
 
@@ -362,11 +469,7 @@ def test_torch_oracle(xp, case):
     missing = [n for i, n in _their_params(tm).items() if i not in covered]
     assert not missing, f"their parameters without a counterpart: {missing}"
 
-    tin = [
-        None if a is None
-        else torch.tensor(a, requires_grad=_is_float_host(a))
-        for a in host
-    ]
+    tin = [None if a is None else torch.tensor(a, requires_grad=_is_float_host(a)) for a in host]
     tkw = {k: torch.tensor(v) if isinstance(v, np.ndarray) else v for k, v in hkw.items()}
     ty = tm(*tin, **tkw)
     assert backend.dtype_name(y.dtype) == backend.dtype_name(ty.dtype)
@@ -410,8 +513,9 @@ def test_timestep_embedding_vs_diffusers(xp, dim, flip, shift, max_period):
         assert (backend.to_numpy(ours)[:, -1] == 0).all()
     # float timesteps and an explicit dtype
     tf = np.array([0.5, 10.25], dtype=np.float32)
-    ours64 = timestep_embedding(backend.asarray(tf, xp), dim, flip, shift, max_period,
-                                dtype=xp.float64)
+    ours64 = timestep_embedding(
+        backend.asarray(tf, xp), dim, flip, shift, max_period, dtype=xp.float64
+    )
     theirs = get_timestep_embedding(torch.from_numpy(tf), dim, flip, shift, 1, max_period)
     assert backend.dtype_name(ours64.dtype) == "float64"
     _assert_embedding_close(ours64, theirs, tf)
@@ -431,11 +535,23 @@ def test_embedding_repeated_labels_accumulate(xp):
 def test_state_dict_names_match_diffusers():
     init.manual_seed(0)
     pairs = [
-        (ResnetBlock2D(in_channels=4, out_channels=6, temb_channels=5, groups=2),
-         DResnetBlock2D(in_channels=4, out_channels=6, temb_channels=5, groups=2)),
-        (Attention(8, 2, 4, norm_num_groups=2),
-         DAttention(8, heads=2, dim_head=4, norm_num_groups=2, residual_connection=True,
-                    bias=True, upcast_softmax=True, _from_deprecated_attn_block=True)),
+        (
+            ResnetBlock2D(in_channels=4, out_channels=6, temb_channels=5, groups=2),
+            DResnetBlock2D(in_channels=4, out_channels=6, temb_channels=5, groups=2),
+        ),
+        (
+            Attention(8, 2, 4, norm_num_groups=2),
+            DAttention(
+                8,
+                heads=2,
+                dim_head=4,
+                norm_num_groups=2,
+                residual_connection=True,
+                bias=True,
+                upcast_softmax=True,
+                _from_deprecated_attn_block=True,
+            ),
+        ),
         (TimestepEmbedding(4, 8), DTimestepEmbedding(4, 8)),
         (Upsample2D(3, use_conv=True), DUpsample2D(3, use_conv=True)),
     ]
@@ -455,8 +571,9 @@ def test_float32_dtype_and_device(xp, device_f32, case):
     y = m(*ins, **kw)
     assert backend.dtype_name(y.dtype) == "float32"
     assert backend.device(y) == backend.device(x0)
-    gy = backend.asarray(rng.standard_normal(tuple(y.shape)).astype(np.float32), xp,
-                         device=backend.device(y))
+    gy = backend.asarray(
+        rng.standard_normal(tuple(y.shape)).astype(np.float32), xp, device=backend.device(y)
+    )
     grads = _grads(m.backward(gy))
     for i, (x, g) in enumerate(zip(ins, grads, strict=False)):
         if g is None:
@@ -499,8 +616,9 @@ def test_inputs_left_alone_and_strided_inputs_agree(xp, case):
     np.testing.assert_allclose(backend.to_numpy(y2), backend.to_numpy(y), rtol=1e-13, atol=1e-13)
     for g, g2 in zip(grads, grads2, strict=True):
         if g is not None:
-            np.testing.assert_allclose(backend.to_numpy(g2), backend.to_numpy(g), rtol=1e-13,
-                                       atol=1e-13)
+            np.testing.assert_allclose(
+                backend.to_numpy(g2), backend.to_numpy(g), rtol=1e-13, atol=1e-13
+            )
 
 
 @pytest.mark.parametrize("activation", [None, "silu"])
@@ -539,82 +657,215 @@ def _ints(xp, values):
 
 BAD_INPUT = [
     # (id, layer factory(xp), call(layer, xp), exception, message regex)
-    ("conv-3d", lambda xp: Conv2d(3, 4, 3, xp=xp), lambda m, xp: m(_zeros(xp, (3, 5, 5))),
-     ValueError, r"Conv2d\(3->4.*expected a 4-D input \(B, C, H, W\), got shape \(3, 5, 5\)"),
-    ("conv-channels", lambda xp: Conv2d(3, 4, 3, xp=xp),
-     lambda m, xp: m(_zeros(xp, (1, 2, 5, 5))),
-     ValueError, r"expected size 3 on axis 1, got shape \(1, 2, 5, 5\)"),
-    ("conv-too-small", lambda xp: Conv2d(3, 4, 3, xp=xp),
-     lambda m, xp: m(_zeros(xp, (1, 3, 2, 5))), ValueError, r"smaller than the kernel"),
-    ("conv-float64", lambda xp: Conv2d(3, 4, 3, xp=xp),
-     lambda m, xp: m(_zeros(xp, (1, 3, 5, 5), "float64")),
-     TypeError, r"expected dtype float32 \(the layer's weights\), got float64"),
-    ("conv64-float32", lambda xp: Conv2d(3, 4, 3, dtype="float64", xp=xp),
-     lambda m, xp: m(_zeros(xp, (1, 3, 5, 5))), TypeError, r"expected dtype float64.*float32"),
-    ("conv-list", lambda xp: Conv2d(3, 4, 3, xp=xp), lambda m, xp: m([[1.0]]),
-     TypeError, r"expected an array, got list"),
-    ("linear-features", lambda xp: Linear(4, 2, xp=xp), lambda m, xp: m(_zeros(xp, (3, 5))),
-     ValueError, r"Linear\(4->2\).*expected size 4 on axis -1, got shape \(3, 5\)"),
-    ("linear-float64", lambda xp: Linear(4, 2, xp=xp),
-     lambda m, xp: m(_zeros(xp, (3, 4), "float64")), TypeError, r"expected dtype float32"),
-    ("groupnorm-channels", lambda xp: GroupNorm(2, 4, xp=xp),
-     lambda m, xp: m(_zeros(xp, (1, 6, 3, 3))), ValueError,
-     r"GroupNorm.*expected size 4 on axis 1"),
-    ("groupnorm-1d", lambda xp: GroupNorm(2, 4, xp=xp), lambda m, xp: m(_zeros(xp, (4,))),
-     ValueError, r"GroupNorm"),
-    ("groupnorm-float64", lambda xp: GroupNorm(2, 4, xp=xp),
-     lambda m, xp: m(_zeros(xp, (1, 4, 3, 3), "float64")), TypeError, r"expected dtype float32"),
-    ("attention-3d", lambda xp: Attention(4, 2, 2, norm_num_groups=2, xp=xp),
-     lambda m, xp: m(_zeros(xp, (1, 4, 9))), ValueError, r"Attention.*expected a 4-D input"),
-    ("attention-channels", lambda xp: Attention(4, 2, 2, norm_num_groups=2, xp=xp),
-     lambda m, xp: m(_zeros(xp, (1, 2, 3, 3))), ValueError, r"expected size 4 on axis 1"),
-    ("attention-float64", lambda xp: Attention(4, 2, 2, norm_num_groups=2, xp=xp),
-     lambda m, xp: m(_zeros(xp, (1, 4, 3, 3), "float64")), TypeError, r"expected dtype float32"),
-    ("upsample-3d", lambda xp: Upsample2D(3, xp=xp), lambda m, xp: m(_zeros(xp, (3, 4, 4))),
-     ValueError, r"Upsample2D\(3\).*expected a 4-D input"),
-    ("upsample-float64", lambda xp: Upsample2D(3, xp=xp),
-     lambda m, xp: m(_zeros(xp, (1, 3, 4, 4), "float64")), TypeError, r"expected dtype float32"),
-    ("downsample-channels", lambda xp: Downsample2D(3, xp=xp),
-     lambda m, xp: m(_zeros(xp, (1, 4, 4, 4))), ValueError, r"expected size 3 on axis 1"),
-    ("resnet-channels",
-     lambda xp: ResnetBlock2D(in_channels=4, out_channels=4, temb_channels=3, groups=2, xp=xp),
-     lambda m, xp: m(_zeros(xp, (1, 2, 3, 3)), _zeros(xp, (1, 3))),
-     ValueError, r"expected size 4 on axis 1"),
-    ("resnet-float64",
-     lambda xp: ResnetBlock2D(in_channels=4, out_channels=4, temb_channels=3, groups=2, xp=xp),
-     lambda m, xp: m(_zeros(xp, (1, 4, 3, 3), "float64"), _zeros(xp, (1, 3), "float64")),
-     TypeError, r"expected dtype float32"),
-    ("resnet-temb-missing",
-     lambda xp: ResnetBlock2D(in_channels=4, out_channels=4, temb_channels=3, groups=2, xp=xp),
-     lambda m, xp: m(_zeros(xp, (1, 4, 3, 3)), None), ValueError, r"temb is required"),
-    ("resnet-temb-size",
-     lambda xp: ResnetBlock2D(in_channels=4, out_channels=4, temb_channels=3, groups=2, xp=xp),
-     lambda m, xp: m(_zeros(xp, (1, 4, 3, 3)), _zeros(xp, (1, 5))),
-     ValueError, r"Linear\(3->4\).*expected size 3 on axis -1"),
-    ("timesteps-2d", lambda xp: Timesteps(8, True, 0),
-     lambda m, xp: m(_zeros(xp, (2, 3))), ValueError, r"Timesteps.*expected a 1-D input"),
-    ("timestep-embedding-float64", lambda xp: TimestepEmbedding(4, 8, xp=xp),
-     lambda m, xp: m(_zeros(xp, (2, 4), "float64")), TypeError, r"expected dtype float32"),
-    ("embedding-2d", lambda xp: Embedding(5, 3, xp=xp),
-     lambda m, xp: m(xp.zeros((2, 2), dtype=xp.int64)), ValueError,
-     r"Embedding\(5, 3\).*expected a 1-D input \(N,\)"),
-    ("embedding-too-big", lambda xp: Embedding(5, 3, xp=xp),
-     lambda m, xp: m(_ints(xp, [0, 5, 2])), ValueError,
-     r"Embedding\(5, 3\).*expected indices in \[0, 5\), got values in \[0, 5\]"),
-    ("embedding-negative", lambda xp: Embedding(5, 3, xp=xp),
-     lambda m, xp: m(_ints(xp, [-1, 2])), ValueError, r"expected indices in \[0, 5\)"),
-    ("embedding-float-labels", lambda xp: Embedding(5, 3, xp=xp),
-     lambda m, xp: m(_zeros(xp, (3,))), TypeError, r"expected integer indices, got float32"),
-    ("embedding-bool-labels", lambda xp: Embedding(5, 3, xp=xp),
-     lambda m, xp: m(xp.zeros((3,), dtype=xp.bool)), TypeError, r"expected integer indices"),
-    ("mse-shapes", lambda xp: MSELoss(),
-     lambda m, xp: m(_zeros(xp, (2, 3)), _zeros(xp, (3, 2))), ValueError,
-     r"mse_loss: expected prediction and target of one shape, got \(2, 3\) and \(3, 2\)"),
+    (
+        "conv-3d",
+        lambda xp: Conv2d(3, 4, 3, xp=xp),
+        lambda m, xp: m(_zeros(xp, (3, 5, 5))),
+        ValueError,
+        r"Conv2d\(3->4.*expected a 4-D input \(B, C, H, W\), got shape \(3, 5, 5\)",
+    ),
+    (
+        "conv-channels",
+        lambda xp: Conv2d(3, 4, 3, xp=xp),
+        lambda m, xp: m(_zeros(xp, (1, 2, 5, 5))),
+        ValueError,
+        r"expected size 3 on axis 1, got shape \(1, 2, 5, 5\)",
+    ),
+    (
+        "conv-too-small",
+        lambda xp: Conv2d(3, 4, 3, xp=xp),
+        lambda m, xp: m(_zeros(xp, (1, 3, 2, 5))),
+        ValueError,
+        r"smaller than the kernel",
+    ),
+    (
+        "conv-float64",
+        lambda xp: Conv2d(3, 4, 3, xp=xp),
+        lambda m, xp: m(_zeros(xp, (1, 3, 5, 5), "float64")),
+        TypeError,
+        r"expected dtype float32 \(the layer's weights\), got float64",
+    ),
+    (
+        "conv64-float32",
+        lambda xp: Conv2d(3, 4, 3, dtype="float64", xp=xp),
+        lambda m, xp: m(_zeros(xp, (1, 3, 5, 5))),
+        TypeError,
+        r"expected dtype float64.*float32",
+    ),
+    (
+        "conv-list",
+        lambda xp: Conv2d(3, 4, 3, xp=xp),
+        lambda m, xp: m([[1.0]]),
+        TypeError,
+        r"expected an array, got list",
+    ),
+    (
+        "linear-features",
+        lambda xp: Linear(4, 2, xp=xp),
+        lambda m, xp: m(_zeros(xp, (3, 5))),
+        ValueError,
+        r"Linear\(4->2\).*expected size 4 on axis -1, got shape \(3, 5\)",
+    ),
+    (
+        "linear-float64",
+        lambda xp: Linear(4, 2, xp=xp),
+        lambda m, xp: m(_zeros(xp, (3, 4), "float64")),
+        TypeError,
+        r"expected dtype float32",
+    ),
+    (
+        "groupnorm-channels",
+        lambda xp: GroupNorm(2, 4, xp=xp),
+        lambda m, xp: m(_zeros(xp, (1, 6, 3, 3))),
+        ValueError,
+        r"GroupNorm.*expected size 4 on axis 1",
+    ),
+    (
+        "groupnorm-1d",
+        lambda xp: GroupNorm(2, 4, xp=xp),
+        lambda m, xp: m(_zeros(xp, (4,))),
+        ValueError,
+        r"GroupNorm",
+    ),
+    (
+        "groupnorm-float64",
+        lambda xp: GroupNorm(2, 4, xp=xp),
+        lambda m, xp: m(_zeros(xp, (1, 4, 3, 3), "float64")),
+        TypeError,
+        r"expected dtype float32",
+    ),
+    (
+        "attention-3d",
+        lambda xp: Attention(4, 2, 2, norm_num_groups=2, xp=xp),
+        lambda m, xp: m(_zeros(xp, (1, 4, 9))),
+        ValueError,
+        r"Attention.*expected a 4-D input",
+    ),
+    (
+        "attention-channels",
+        lambda xp: Attention(4, 2, 2, norm_num_groups=2, xp=xp),
+        lambda m, xp: m(_zeros(xp, (1, 2, 3, 3))),
+        ValueError,
+        r"expected size 4 on axis 1",
+    ),
+    (
+        "attention-float64",
+        lambda xp: Attention(4, 2, 2, norm_num_groups=2, xp=xp),
+        lambda m, xp: m(_zeros(xp, (1, 4, 3, 3), "float64")),
+        TypeError,
+        r"expected dtype float32",
+    ),
+    (
+        "upsample-3d",
+        lambda xp: Upsample2D(3, xp=xp),
+        lambda m, xp: m(_zeros(xp, (3, 4, 4))),
+        ValueError,
+        r"Upsample2D\(3\).*expected a 4-D input",
+    ),
+    (
+        "upsample-float64",
+        lambda xp: Upsample2D(3, xp=xp),
+        lambda m, xp: m(_zeros(xp, (1, 3, 4, 4), "float64")),
+        TypeError,
+        r"expected dtype float32",
+    ),
+    (
+        "downsample-channels",
+        lambda xp: Downsample2D(3, xp=xp),
+        lambda m, xp: m(_zeros(xp, (1, 4, 4, 4))),
+        ValueError,
+        r"expected size 3 on axis 1",
+    ),
+    (
+        "resnet-channels",
+        lambda xp: ResnetBlock2D(in_channels=4, out_channels=4, temb_channels=3, groups=2, xp=xp),
+        lambda m, xp: m(_zeros(xp, (1, 2, 3, 3)), _zeros(xp, (1, 3))),
+        ValueError,
+        r"expected size 4 on axis 1",
+    ),
+    (
+        "resnet-float64",
+        lambda xp: ResnetBlock2D(in_channels=4, out_channels=4, temb_channels=3, groups=2, xp=xp),
+        lambda m, xp: m(_zeros(xp, (1, 4, 3, 3), "float64"), _zeros(xp, (1, 3), "float64")),
+        TypeError,
+        r"expected dtype float32",
+    ),
+    (
+        "resnet-temb-missing",
+        lambda xp: ResnetBlock2D(in_channels=4, out_channels=4, temb_channels=3, groups=2, xp=xp),
+        lambda m, xp: m(_zeros(xp, (1, 4, 3, 3)), None),
+        ValueError,
+        r"temb is required",
+    ),
+    (
+        "resnet-temb-size",
+        lambda xp: ResnetBlock2D(in_channels=4, out_channels=4, temb_channels=3, groups=2, xp=xp),
+        lambda m, xp: m(_zeros(xp, (1, 4, 3, 3)), _zeros(xp, (1, 5))),
+        ValueError,
+        r"Linear\(3->4\).*expected size 3 on axis -1",
+    ),
+    (
+        "timesteps-2d",
+        lambda xp: Timesteps(8, True, 0),
+        lambda m, xp: m(_zeros(xp, (2, 3))),
+        ValueError,
+        r"Timesteps.*expected a 1-D input",
+    ),
+    (
+        "timestep-embedding-float64",
+        lambda xp: TimestepEmbedding(4, 8, xp=xp),
+        lambda m, xp: m(_zeros(xp, (2, 4), "float64")),
+        TypeError,
+        r"expected dtype float32",
+    ),
+    (
+        "embedding-2d",
+        lambda xp: Embedding(5, 3, xp=xp),
+        lambda m, xp: m(xp.zeros((2, 2), dtype=xp.int64)),
+        ValueError,
+        r"Embedding\(5, 3\).*expected a 1-D input \(N,\)",
+    ),
+    (
+        "embedding-too-big",
+        lambda xp: Embedding(5, 3, xp=xp),
+        lambda m, xp: m(_ints(xp, [0, 5, 2])),
+        ValueError,
+        r"Embedding\(5, 3\).*expected indices in \[0, 5\), got values in \[0, 5\]",
+    ),
+    (
+        "embedding-negative",
+        lambda xp: Embedding(5, 3, xp=xp),
+        lambda m, xp: m(_ints(xp, [-1, 2])),
+        ValueError,
+        r"expected indices in \[0, 5\)",
+    ),
+    (
+        "embedding-float-labels",
+        lambda xp: Embedding(5, 3, xp=xp),
+        lambda m, xp: m(_zeros(xp, (3,))),
+        TypeError,
+        r"expected integer indices, got float32",
+    ),
+    (
+        "embedding-bool-labels",
+        lambda xp: Embedding(5, 3, xp=xp),
+        lambda m, xp: m(xp.zeros((3,), dtype=xp.bool)),
+        TypeError,
+        r"expected integer indices",
+    ),
+    (
+        "mse-shapes",
+        lambda xp: MSELoss(),
+        lambda m, xp: m(_zeros(xp, (2, 3)), _zeros(xp, (3, 2))),
+        ValueError,
+        r"mse_loss: expected prediction and target of one shape, got \(2, 3\) and \(3, 2\)",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("make", "call", "exc", "match"),
-                         [b[1:] for b in BAD_INPUT], ids=[b[0] for b in BAD_INPUT])
+@pytest.mark.parametrize(
+    ("make", "call", "exc", "match"), [b[1:] for b in BAD_INPUT], ids=[b[0] for b in BAD_INPUT]
+)
 def test_bad_input(xp, make, call, exc, match):
     m = make(xp)
     with pytest.raises(exc, match=match):
@@ -629,10 +880,16 @@ def _other(xp):
 MIXED = [
     ("Linear", lambda xp: Linear(4, 2, xp=xp), lambda o: o.zeros((3, 4), dtype=o.float32)),
     ("Conv2d", lambda xp: Conv2d(3, 2, 3, xp=xp), lambda o: o.zeros((1, 3, 4, 4), dtype=o.float32)),
-    ("GroupNorm", lambda xp: GroupNorm(1, 3, xp=xp),
-     lambda o: o.zeros((1, 3, 4, 4), dtype=o.float32)),
-    ("Attention", lambda xp: Attention(4, 2, 2, norm_num_groups=2, xp=xp),
-     lambda o: o.zeros((1, 4, 2, 2), dtype=o.float32)),
+    (
+        "GroupNorm",
+        lambda xp: GroupNorm(1, 3, xp=xp),
+        lambda o: o.zeros((1, 3, 4, 4), dtype=o.float32),
+    ),
+    (
+        "Attention",
+        lambda xp: Attention(4, 2, 2, norm_num_groups=2, xp=xp),
+        lambda o: o.zeros((1, 4, 2, 2), dtype=o.float32),
+    ),
     ("Embedding", lambda xp: Embedding(5, 3, xp=xp), lambda o: o.zeros((3,), dtype=o.int64)),
 ]
 
@@ -651,8 +908,9 @@ def test_mixed_namespaces_names_both_libraries():
         m(torch.zeros(3, 4))
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.cached],
-                         ids=[c.id for c in CASES if c.cached])
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.cached], ids=[c.id for c in CASES if c.cached]
+)
 def test_backward_before_forward(xp, case):
     m, ins, kw, *_ = _setup(case, xp, "float64")
     with pytest.raises(RuntimeError, match=r"forward"):
@@ -664,23 +922,53 @@ def test_backward_before_forward(xp, case):
         m.backward(xp.ones_like(y))
 
 
-@pytest.mark.parametrize(("factory", "exc", "match"), [
-    (lambda: GroupNorm(3, 4), ValueError,
-     r"GroupNorm: num_groups must divide num_channels, got num_groups=3 and num_channels=4"),
-    (lambda: GroupNorm(0, 4), ValueError, r"GroupNorm: expected num_groups to be an integer >= 1"),
-    (lambda: ResnetBlock2D(in_channels=4, groups=3), ValueError,
-     r"ResnetBlock2D: expected groups to divide in_channels=4, got 3"),
-    (lambda: Attention(6, 2, 3, norm_num_groups=4), ValueError,
-     r"Attention: expected norm_num_groups to divide query_dim=6, got 4"),
-    (lambda: Dropout(0.1), ValueError, r"Dropout: only p=0\.0 is supported, got p=0\.1"),
-    (lambda: ResnetBlock2D(in_channels=4, groups=2, dropout=0.5), ValueError, r"p=0\.5"),
-    (lambda: TimestepEmbedding(4, 8, act_fn="relu"), ValueError, r"only act_fn='silu'"),
-    (lambda: ResnetBlock2D(in_channels=4, groups=2, non_linearity="mish"), ValueError,
-     r"only non_linearity='silu'"),
-    (lambda: Downsample2D(3, use_conv=False), ValueError, r"only use_conv=True"),
-    (lambda: Downsample2D(3, padding=2), ValueError, r"only padding 0 or 1"),
-], ids=["gn-3-of-4", "gn-0", "resnet-groups", "attention-groups", "dropout", "resnet-dropout",
-        "temb-act", "resnet-act", "down-noconv", "down-pad2"])
+@pytest.mark.parametrize(
+    ("factory", "exc", "match"),
+    [
+        (
+            lambda: GroupNorm(3, 4),
+            ValueError,
+            r"GroupNorm: num_groups must divide num_channels, got num_groups=3 and num_channels=4",
+        ),
+        (
+            lambda: GroupNorm(0, 4),
+            ValueError,
+            r"GroupNorm: expected num_groups to be an integer >= 1",
+        ),
+        (
+            lambda: ResnetBlock2D(in_channels=4, groups=3),
+            ValueError,
+            r"ResnetBlock2D: expected groups to divide in_channels=4, got 3",
+        ),
+        (
+            lambda: Attention(6, 2, 3, norm_num_groups=4),
+            ValueError,
+            r"Attention: expected norm_num_groups to divide query_dim=6, got 4",
+        ),
+        (lambda: Dropout(0.1), ValueError, r"Dropout: only p=0\.0 is supported, got p=0\.1"),
+        (lambda: ResnetBlock2D(in_channels=4, groups=2, dropout=0.5), ValueError, r"p=0\.5"),
+        (lambda: TimestepEmbedding(4, 8, act_fn="relu"), ValueError, r"only act_fn='silu'"),
+        (
+            lambda: ResnetBlock2D(in_channels=4, groups=2, non_linearity="mish"),
+            ValueError,
+            r"only non_linearity='silu'",
+        ),
+        (lambda: Downsample2D(3, use_conv=False), ValueError, r"only use_conv=True"),
+        (lambda: Downsample2D(3, padding=2), ValueError, r"only padding 0 or 1"),
+    ],
+    ids=[
+        "gn-3-of-4",
+        "gn-0",
+        "resnet-groups",
+        "attention-groups",
+        "dropout",
+        "resnet-dropout",
+        "temb-act",
+        "resnet-act",
+        "down-noconv",
+        "down-pad2",
+    ],
+)
 def test_bad_construction(factory, exc, match):
     with pytest.raises(exc, match=match):
         factory()

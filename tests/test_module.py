@@ -29,8 +29,9 @@ class Tiny(Module):
         super().__init__()
         self.inp = Linear(3, 4, dtype=dtype, xp=xp)
         self.act = SiLU()
-        self.heads = ModuleList([Linear(4, 2, dtype=dtype, xp=xp),
-                                 Linear(4, 2, bias=False, dtype=dtype, xp=xp)])
+        self.heads = ModuleList(
+            [Linear(4, 2, dtype=dtype, xp=xp), Linear(4, 2, bias=False, dtype=dtype, xp=xp)]
+        )
         self.scale = Parameter(init.ones((2,), dtype, xp))
 
     def forward(self, x):
@@ -72,9 +73,18 @@ def test_named_parameters_dotted_names_and_order(xp):
 def test_resnet_names_are_diffusers_names():
     block = ResnetBlock2D(in_channels=2, out_channels=4, temb_channels=3, groups=2)
     assert list(block.state_dict()) == [
-        "norm1.weight", "norm1.bias", "conv1.weight", "conv1.bias",
-        "time_emb_proj.weight", "time_emb_proj.bias", "norm2.weight", "norm2.bias",
-        "conv2.weight", "conv2.bias", "conv_shortcut.weight", "conv_shortcut.bias",
+        "norm1.weight",
+        "norm1.bias",
+        "conv1.weight",
+        "conv1.bias",
+        "time_emb_proj.weight",
+        "time_emb_proj.bias",
+        "norm2.weight",
+        "norm2.bias",
+        "conv2.weight",
+        "conv2.bias",
+        "conv_shortcut.weight",
+        "conv_shortcut.bias",
     ]
     att = Attention(4, 2, 2, norm_num_groups=2)
     assert "to_out.0.weight" in att.state_dict() and "group_norm.weight" in att.state_dict()
@@ -171,8 +181,9 @@ def test_load_state_dict_non_strict():
 # ---------------------------------------------------------------------------
 def test_zero_grad_and_accumulation(xp):
     init.manual_seed(0)
-    m = Sequential([Linear(3, 4, dtype="float64", xp=xp), SiLU(),
-                    Linear(4, 2, dtype="float64", xp=xp)])
+    m = Sequential(
+        [Linear(3, 4, dtype="float64", xp=xp), SiLU(), Linear(4, 2, dtype="float64", xp=xp)]
+    )
     x = _x(xp)
     g = _x(xp, (5, 2), seed=1)
     m(x)
@@ -245,8 +256,9 @@ def test_to_backend_and_dtype(target):
 
 def test_to_rejects_bad_dtype_and_backend():
     m = Linear(2, 2)
-    with pytest.raises(ValueError,
-                       match=r"Linear.to: dtype must be float32 or float64, got 'int8'"):
+    with pytest.raises(
+        ValueError, match=r"Linear.to: dtype must be float32 or float64, got 'int8'"
+    ):
         m.to(dtype="int8")
     with pytest.raises(ValueError, match=r"namespace_for: expected numpy"):
         m.to("jax")
@@ -279,8 +291,15 @@ def test_module_list():
 
 def test_sequential_forward_backward(xp):
     init.manual_seed(3)
-    seq = Sequential([Linear(3, 5, dtype="float64", xp=xp), SiLU(),
-                      Linear(5, 4, dtype="float64", xp=xp), ReLU(), Identity()])
+    seq = Sequential(
+        [
+            Linear(3, 5, dtype="float64", xp=xp),
+            SiLU(),
+            Linear(5, 4, dtype="float64", xp=xp),
+            ReLU(),
+            Identity(),
+        ]
+    )
     x = _x(xp)
     y = seq(x)
     manual = x

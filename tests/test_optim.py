@@ -42,8 +42,9 @@ def test_adamw_matches_torch_over_steps(weight_decay):
     net = Net()
     tn = torch_twin(net)
     opt = AdamW(net, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=weight_decay)
-    topt = torch.optim.AdamW(tn.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-8,
-                             weight_decay=weight_decay)
+    topt = torch.optim.AdamW(
+        tn.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=weight_decay
+    )
     for step in range(5):
         x = rng.standard_normal((6, 4))
         net.zero_grad()

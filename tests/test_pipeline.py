@@ -12,10 +12,18 @@ from xpdiff.nn import init
 from xpdiff.pipelines import generate
 from xpdiff.schedulers import DDIMScheduler, DDPMScheduler
 
-CFG = dict(sample_size=6, in_channels=1, out_channels=1, block_out_channels=[8, 8],
-           down_block_types=["DownBlock2D", "AttnDownBlock2D"],
-           up_block_types=["AttnUpBlock2D", "UpBlock2D"], layers_per_block=1,
-           norm_num_groups=4, attention_head_dim=8, num_class_embeds=4)
+CFG = dict(
+    sample_size=6,
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=[8, 8],
+    down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+    up_block_types=["AttnUpBlock2D", "UpBlock2D"],
+    layers_per_block=1,
+    norm_num_groups=4,
+    attention_head_dim=8,
+    num_class_embeds=4,
+)
 
 
 def model_on(xp, dtype="float32"):
@@ -26,10 +34,19 @@ def model_on(xp, dtype="float32"):
 @pytest.mark.parametrize("kind", [DDIMScheduler, DDPMScheduler])
 def test_generate_shapes_range_namespace(xp, kind):
     m = model_on(xp)
-    res = generate(m, kind(), [0, 1, 2], num_inference_steps=4, guidance_scale=2.0,
-                   null_class=3, seed=1, return_trajectory=True)
+    res = generate(
+        m,
+        kind(),
+        [0, 1, 2],
+        num_inference_steps=4,
+        guidance_scale=2.0,
+        null_class=3,
+        seed=1,
+        return_trajectory=True,
+    )
     assert backend.get_namespace(res.images) is xp or backend.library_name(
-        backend.get_namespace(res.images)) == backend.library_name(xp)
+        backend.get_namespace(res.images)
+    ) == backend.library_name(xp)
     assert tuple(res.images.shape) == (3, 1, 6, 6)
     assert backend.dtype_name(res.images.dtype) == "float32"
     a = backend.to_numpy(res.images)
@@ -70,10 +87,19 @@ def test_batches_larger_than_max_batch_give_the_same_images():
     xp = backend.namespace_for("numpy")
     m = model_on(xp, "float64")
     labels = [0, 1, 2, 0, 1]
-    a = generate(m, DDIMScheduler(), labels, num_inference_steps=2, guidance_scale=2.0,
-                 null_class=3, seed=0).images
-    b = generate(m, DDIMScheduler(), labels, num_inference_steps=2, guidance_scale=2.0,
-                 null_class=3, seed=0, max_batch=2).images
+    a = generate(
+        m, DDIMScheduler(), labels, num_inference_steps=2, guidance_scale=2.0, null_class=3, seed=0
+    ).images
+    b = generate(
+        m,
+        DDIMScheduler(),
+        labels,
+        num_inference_steps=2,
+        guidance_scale=2.0,
+        null_class=3,
+        seed=0,
+        max_batch=2,
+    ).images
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 

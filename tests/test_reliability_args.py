@@ -22,10 +22,18 @@ from xpdiff.pipelines import generate
 from xpdiff.schedulers import DDIMScheduler, DDPMScheduler
 from xpdiff.training import TrainConfig
 
-SMALL = dict(sample_size=6, in_channels=1, out_channels=1,
-             down_block_types=["DownBlock2D", "AttnDownBlock2D"],
-             up_block_types=["AttnUpBlock2D", "UpBlock2D"], block_out_channels=[8, 16],
-             layers_per_block=1, attention_head_dim=4, norm_num_groups=4, num_class_embeds=4)
+SMALL = dict(
+    sample_size=6,
+    in_channels=1,
+    out_channels=1,
+    down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+    up_block_types=["AttnUpBlock2D", "UpBlock2D"],
+    block_out_channels=[8, 16],
+    layers_per_block=1,
+    attention_head_dim=4,
+    norm_num_groups=4,
+    num_class_embeds=4,
+)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +71,11 @@ def _id(v) -> str:
 
 
 def sweep(spec: dict) -> list:
-    return [pytest.param(name, v, id=f"{name}={_id(v)}")
-            for name, args in spec.items() for v in bad_values(*args[:3], **args[3])]
+    return [
+        pytest.param(name, v, id=f"{name}={_id(v)}")
+        for name, args in spec.items()
+        for v in bad_values(*args[:3], **args[3])
+    ]
 
 
 def assert_names(exc_info, name: str) -> None:
@@ -76,8 +87,10 @@ def assert_names(exc_info, name: str) -> None:
 # ---------------------------------------------------------------------------
 UNET_ARGS = {
     "sample_size": ("int", 1, None, {"none": True}),
-    "in_channels": ("int", 1, None, {}), "out_channels": ("int", 1, None, {}),
-    "layers_per_block": ("int", 1, None, {}), "norm_num_groups": ("int", 1, None, {}),
+    "in_channels": ("int", 1, None, {}),
+    "out_channels": ("int", 1, None, {}),
+    "layers_per_block": ("int", 1, None, {}),
+    "norm_num_groups": ("int", 1, None, {}),
     "time_embedding_dim": ("int", 1, None, {"none": True}),
     "attention_head_dim": ("int", 1, None, {"none": True}),
     "attn_norm_num_groups": ("int", 1, None, {"none": True}),
@@ -88,7 +101,8 @@ UNET_ARGS = {
     "norm_eps": ("float", 0.0, None, {"lo_open": True}),
     "dropout": ("float", 0.0, None, {}),
     "freq_shift": ("float", None, None, {}),
-    "center_input_sample": ("bool", None, None, {}), "flip_sin_to_cos": ("bool", None, None, {}),
+    "center_input_sample": ("bool", None, None, {}),
+    "flip_sin_to_cos": ("bool", None, None, {}),
     "add_attention": ("bool", None, None, {}),
 }
 
@@ -100,29 +114,45 @@ def test_unet_constructor_sweep(name, value):
     assert_names(info, name)
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"norm_eps": -1.0}, r"expected norm_eps to be a finite number > 0.0, got -1.0"),
-    ({"dtype": "int32"}, r"expected dtype to be one of 'float32', 'float64', got 'int32'"),
-    ({"dtype": "float"}, r"expected dtype to be one of .*got 'float'"),
-    ({"layers_per_block": 0}, r"expected layers_per_block to be an integer >= 1, got 0"),
-    ({"in_channels": 0}, r"expected in_channels to be an integer >= 1, got 0"),
-    ({"block_out_channels": [-8, 16]}, r"expected block_out_channels to be a list of integers "
-                                       r">= 1, got \[-8, 16\]"),
-    ({"block_out_channels": []}, r"expected block_out_channels to be a non-empty list"),
-    ({"num_class_embeds": -1}, r"expected num_class_embeds to be an integer >= 1 or None, got -1"),
-    ({"norm_num_groups": 3}, r"expected norm_num_groups to divide every channel count"),
-    ({"attn_norm_num_groups": 3}, r"expected attn_norm_num_groups to divide every channel"),
-    ({"freq_shift": 4}, r"expected freq_shift to differ from block_out_channels\[0\] // 2 = 4"),
-    ({"down_block_types": "DownBlock2D"}, r"expected down_block_types to be a list"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"norm_eps": -1.0}, r"expected norm_eps to be a finite number > 0.0, got -1.0"),
+        ({"dtype": "int32"}, r"expected dtype to be one of 'float32', 'float64', got 'int32'"),
+        ({"dtype": "float"}, r"expected dtype to be one of .*got 'float'"),
+        ({"layers_per_block": 0}, r"expected layers_per_block to be an integer >= 1, got 0"),
+        ({"in_channels": 0}, r"expected in_channels to be an integer >= 1, got 0"),
+        (
+            {"block_out_channels": [-8, 16]},
+            r"expected block_out_channels to be a list of integers "
+            r">= 1, got \[-8, 16\]",
+        ),
+        ({"block_out_channels": []}, r"expected block_out_channels to be a non-empty list"),
+        (
+            {"num_class_embeds": -1},
+            r"expected num_class_embeds to be an integer >= 1 or None, got -1",
+        ),
+        ({"norm_num_groups": 3}, r"expected norm_num_groups to divide every channel count"),
+        ({"attn_norm_num_groups": 3}, r"expected attn_norm_num_groups to divide every channel"),
+        ({"freq_shift": 4}, r"expected freq_shift to differ from block_out_channels\[0\] // 2 = 4"),
+        ({"down_block_types": "DownBlock2D"}, r"expected down_block_types to be a list"),
+    ],
+)
 def test_unet_construction_examples(change, match):
     with pytest.raises(ArgumentError, match=match):
         UNet2DModel(**{**SMALL, "dtype": "float32", **change}, xp=np)
 
 
-@pytest.mark.parametrize("key,value", [("flip_sin_to_cos", "false"), ("layers_per_block", "1"),
-                                       ("norm_eps", "1e-5"), ("block_out_channels", "8,16"),
-                                       ("num_class_embeds", 4.0)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("flip_sin_to_cos", "false"),
+        ("layers_per_block", "1"),
+        ("norm_eps", "1e-5"),
+        ("block_out_channels", "8,16"),
+        ("num_class_embeds", 4.0),
+    ],
+)
 def test_config_file_types(tmp_path, model, key, value):
     model.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / io.CONFIG_NAME).read_text())
@@ -133,9 +163,18 @@ def test_config_file_types(tmp_path, model, key, value):
 
 
 def test_valid_edge_values_still_build():
-    m = UNet2DModel(**{**SMALL, "sample_size": [6, 8], "layers_per_block": np.int64(1),
-                       "freq_shift": 1, "norm_eps": 1e-6, "downsample_padding": 1},
-                    dtype="float64", xp=np)
+    m = UNet2DModel(
+        **{
+            **SMALL,
+            "sample_size": [6, 8],
+            "layers_per_block": np.int64(1),
+            "freq_shift": 1,
+            "norm_eps": 1e-6,
+            "downsample_padding": 1,
+        },
+        dtype="float64",
+        xp=np,
+    )
     assert m.config["layers_per_block"] == 1 and type(m.config["layers_per_block"]) is int
     json.dumps(m.config)  # plain Python values: the config saves
 
@@ -143,9 +182,24 @@ def test_valid_edge_values_still_build():
 # ---------------------------------------------------------------------------
 # timesteps of the UNet
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize("t", [True, False, 1j, float("inf"), float("-inf"), float("nan"), -1,
-                               "5", None, np.array([True, False]), np.array([1 + 0j, 2]),
-                               np.array([np.inf, 1.0])], ids=_id)
+@pytest.mark.parametrize(
+    "t",
+    [
+        True,
+        False,
+        1j,
+        float("inf"),
+        float("-inf"),
+        float("nan"),
+        -1,
+        "5",
+        None,
+        np.array([True, False]),
+        np.array([1 + 0j, 2]),
+        np.array([np.inf, 1.0]),
+    ],
+    ids=_id,
+)
 def test_unet_timesteps(model, t):
     x = np.zeros((2, 1, 6, 6), np.float32)
     with pytest.raises((ValueError, TypeError), match="UNet2DModel: expected .*timestep"):
@@ -155,8 +209,11 @@ def test_unet_timesteps(model, t):
 def test_unet_backward_with_wrong_gradient_shape_names_the_expected_shape(model):
     x = np.zeros((2, 1, 6, 6), np.float32)
     y = model(x, np.array([1, 2]), np.array([0, 1]))
-    with pytest.raises(ValueError, match=r"UNet2DModel.backward: expected grad_output of shape "
-                                         r"\(2, 1, 6, 6\) .*got shape \(2, 1, 6\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"UNet2DModel.backward: expected grad_output of shape "
+        r"\(2, 1, 6, 6\) .*got shape \(2, 1, 6\)",
+    ):
         model.backward(np.zeros((2, 1, 6), np.float32))
     y = model(x, np.array([1, 2]), np.array([0, 1]))
     with pytest.raises(ValueError, match=r"expected grad_output of shape \(2, 1, 6, 6\).*got list"):
@@ -187,37 +244,45 @@ def test_generate_sweep(model, name, value):
     assert_names(info, name)
 
 
-@pytest.mark.parametrize("labels,match", [
-    ([1.7], r"expected class_labels\[0\] to be an integer, got 1.7"),
-    ([1, True], r"expected class_labels\[1\] to be an integer, got True"),
-    (["1"], r"expected class_labels\[0\] to be an integer"),
-    ([float("nan")], r"class_labels\[0\]"),
-    (np.array([1.0, 2.0]), r"expected class_labels to be a 1-D integer array.*float64"),
-    (np.array([[1, 2]]), r"1-D integer array, got shape \(1, 2\)"),
-    ("12", r"expected class_labels to be a sequence of integers, got str"),
-    (3, r"expected class_labels to be a sequence of integers, got int"),
-    ([4], r"expected labels in \[0, 4\), got \[4\]"),
-    ([-1], r"expected labels in \[0, 4\), got \[-1\]"),
-])
+@pytest.mark.parametrize(
+    "labels,match",
+    [
+        ([1.7], r"expected class_labels\[0\] to be an integer, got 1.7"),
+        ([1, True], r"expected class_labels\[1\] to be an integer, got True"),
+        (["1"], r"expected class_labels\[0\] to be an integer"),
+        ([float("nan")], r"class_labels\[0\]"),
+        (np.array([1.0, 2.0]), r"expected class_labels to be a 1-D integer array.*float64"),
+        (np.array([[1, 2]]), r"1-D integer array, got shape \(1, 2\)"),
+        ("12", r"expected class_labels to be a sequence of integers, got str"),
+        (3, r"expected class_labels to be a sequence of integers, got int"),
+        ([4], r"expected labels in \[0, 4\), got \[4\]"),
+        ([-1], r"expected labels in \[0, 4\), got \[-1\]"),
+    ],
+)
 def test_generate_labels(model, labels, match):
     with pytest.raises((ValueError, TypeError), match=match):
         generate(model, DDIMScheduler(), labels, num_inference_steps=2)
 
 
 def test_generate_examples(model):
-    with pytest.raises(ValueError, match="expected null_class to be an integer >= 0 or None, "
-                                         "got 10.5"):
+    with pytest.raises(
+        ValueError, match="expected null_class to be an integer >= 0 or None, got 10.5"
+    ):
         generate(model, DDIMScheduler(), [1], guidance_scale=2.0, null_class=10.5)
     with pytest.raises(ValueError, match="expected guidance_scale to be a finite number, got nan"):
         generate(model, DDIMScheduler(), [1], guidance_scale=float("nan"), null_class=3)
     with pytest.raises(ValueError, match="expected eta to be a finite number >= 0.0, got inf"):
         generate(model, DDIMScheduler(), [1], eta=float("inf"))
-    with pytest.raises(ValueError, match=r"expected size to be a list of integers >= 1 of "
-                                         r"length 2, got \(6, 6, 6\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"expected size to be a list of integers >= 1 of "
+        r"length 2, got \(6, 6, 6\)",
+    ):
         generate(model, DDIMScheduler(), [1], size=(6, 6, 6))
     with pytest.raises(ValueError, match="expected batch_size to be an integer >= 1 or None"):
-        generate(UNet2DModel(**{**SMALL, "num_class_embeds": None}, xp=np), DDIMScheduler(),
-                 batch_size=0)
+        generate(
+            UNet2DModel(**{**SMALL, "num_class_embeds": None}, xp=np), DDIMScheduler(), batch_size=0
+        )
     # integer-like labels (NumPy integers, an integer array) are fine
     a = generate(model, DDIMScheduler(), [np.int64(1), 2], num_inference_steps=2).images
     b = generate(model, DDIMScheduler(), np.array([1, 2]), num_inference_steps=2).images
@@ -236,7 +301,8 @@ def test_generate_refuses_non_finite_samples():
 # ---------------------------------------------------------------------------
 SCHED_ARGS = {
     "num_train_timesteps": ("int", 1, None, {}),
-    "beta_start": ("float", None, None, {}), "beta_end": ("float", None, None, {}),
+    "beta_start": ("float", None, None, {}),
+    "beta_end": ("float", None, None, {}),
     "clip_sample_range": ("float", 0.0, None, {"lo_open": True}),
     "steps_offset": ("int", 0, None, {}),
     "clip_sample": ("bool", None, None, {}),
@@ -244,10 +310,15 @@ SCHED_ARGS = {
 
 
 @pytest.mark.parametrize("cls", [DDPMScheduler, DDIMScheduler])
-@pytest.mark.parametrize("name,value", sweep(SCHED_ARGS) + [
-    pytest.param("beta_start", -0.1, id="beta_start=-0.1"),
-    pytest.param("beta_start", 0.0, id="beta_start=0"),
-    pytest.param("beta_end", 1.5, id="beta_end=1.5")])
+@pytest.mark.parametrize(
+    "name,value",
+    sweep(SCHED_ARGS)
+    + [
+        pytest.param("beta_start", -0.1, id="beta_start=-0.1"),
+        pytest.param("beta_start", 0.0, id="beta_start=0"),
+        pytest.param("beta_end", 1.5, id="beta_end=1.5"),
+    ],
+)
 def test_scheduler_constructor_sweep(cls, name, value):
     with pytest.raises((ValueError, TypeError)) as info:
         cls(**{name: value})
@@ -262,8 +333,11 @@ def test_set_timesteps_sweep(cls, n):
 
 
 @pytest.mark.parametrize("cls", [DDPMScheduler, DDIMScheduler])
-@pytest.mark.parametrize("t", [True, 1.5, 5.0, float("nan"), float("inf"), 1j, "5", None, -1,
-                               1000, np.float64(5.0)], ids=_id)
+@pytest.mark.parametrize(
+    "t",
+    [True, 1.5, 5.0, float("nan"), float("inf"), 1j, "5", None, -1, 1000, np.float64(5.0)],
+    ids=_id,
+)
 def test_step_timestep_sweep(cls, t):
     s = cls()
     s.set_timesteps(10)
@@ -281,9 +355,23 @@ def test_ddim_eta_sweep(eta):
         s.step(x, 900, x, eta=eta)
 
 
-@pytest.mark.parametrize("t", [True, [True, 1], [1.5, 2], [float("nan"), 1], "5", None,
-                               np.array([1.0, 2.0]), np.array([True, False]), [-1, 2],
-                               [1000, 2], np.array([1, 2, 3])], ids=_id)
+@pytest.mark.parametrize(
+    "t",
+    [
+        True,
+        [True, 1],
+        [1.5, 2],
+        [float("nan"), 1],
+        "5",
+        None,
+        np.array([1.0, 2.0]),
+        np.array([True, False]),
+        [-1, 2],
+        [1000, 2],
+        np.array([1, 2, 3]),
+    ],
+    ids=_id,
+)
 def test_add_noise_timesteps_sweep(t):
     x = np.zeros((2, 1, 4, 4), np.float32)
     with pytest.raises((ValueError, TypeError), match="timestep"):
@@ -311,35 +399,48 @@ def test_float16_ddpm_step_works(xp):
 CONFIG_ARGS = {
     "size": ("int", 14, 28, {}),
     "test_fraction": ("float", 0.0, 1.0, {}),
-    "layers_per_block": ("int", 1, None, {}), "norm_num_groups": ("int", 1, None, {}),
+    "layers_per_block": ("int", 1, None, {}),
+    "norm_num_groups": ("int", 1, None, {}),
     "attention_head_dim": ("int", 1, None, {"none": True}),
     "num_train_timesteps": ("int", 1, None, {}),
-    "batch_size": ("int", 1, None, {}), "epochs": ("int", 1, None, {}),
+    "batch_size": ("int", 1, None, {}),
+    "epochs": ("int", 1, None, {}),
     "max_steps": ("int", 1, None, {"none": True}),
     "lr": ("float", 0.0, None, {"lo_open": True}),
     "warmup_steps": ("int", 0, None, {}),
-    "min_lr": ("float", 0.0, None, {}), "weight_decay": ("float", 0.0, None, {}),
+    "min_lr": ("float", 0.0, None, {}),
+    "weight_decay": ("float", 0.0, None, {}),
     "grad_clip": ("float", 0.0, None, {"none": True, "lo_open": True}),
     "ema_decay": ("float", 0.0, 1.0, {}),
     "snr_gamma": ("float", 0.0, None, {"none": True, "lo_open": True}),
     "label_dropout": ("float", 0.0, 1.0, {}),
-    "seed": ("int", 0, None, {}), "checkpoint_every": ("int", 1, None, {}),
-    "keep_checkpoints": ("int", 0, None, {}), "log_every": ("int", 1, None, {}),
-    "sample_steps": ("int", 1, 1000, {}), "guidance_scale": ("float", 0.0, None, {}),
+    "seed": ("int", 0, None, {}),
+    "checkpoint_every": ("int", 1, None, {}),
+    "keep_checkpoints": ("int", 0, None, {}),
+    "log_every": ("int", 1, None, {}),
+    "sample_steps": ("int", 1, 1000, {}),
+    "guidance_scale": ("float", 0.0, None, {}),
     "clip_sample": ("bool", None, None, {}),
 }
 
 
-@pytest.mark.parametrize("name,value", sweep(CONFIG_ARGS) + [
-    pytest.param("size", 20, id="size=20"), pytest.param("label_dropout", 1.0, id="dropout=1"),
-    pytest.param("test_fraction", 1.0, id="test_fraction=1"),
-    pytest.param("block_out_channels", [0, 8], id="channels=[0,8]"),
-    pytest.param("block_out_channels", "32,64", id="channels=str"),
-    pytest.param("down_block_types", "DownBlock2D", id="down=str"),
-    pytest.param("beta_schedule", "cosine", id="beta_schedule"),
-    pytest.param("prediction_type", "eps", id="prediction_type"),
-    pytest.param("backend", "jax", id="backend"), pytest.param("dtype", "int32", id="dtype"),
-    pytest.param("data", 5, id="data=5")])
+@pytest.mark.parametrize(
+    "name,value",
+    sweep(CONFIG_ARGS)
+    + [
+        pytest.param("size", 20, id="size=20"),
+        pytest.param("label_dropout", 1.0, id="dropout=1"),
+        pytest.param("test_fraction", 1.0, id="test_fraction=1"),
+        pytest.param("block_out_channels", [0, 8], id="channels=[0,8]"),
+        pytest.param("block_out_channels", "32,64", id="channels=str"),
+        pytest.param("down_block_types", "DownBlock2D", id="down=str"),
+        pytest.param("beta_schedule", "cosine", id="beta_schedule"),
+        pytest.param("prediction_type", "eps", id="prediction_type"),
+        pytest.param("backend", "jax", id="backend"),
+        pytest.param("dtype", "int32", id="dtype"),
+        pytest.param("data", 5, id="data=5"),
+    ],
+)
 def test_train_config_sweep(name, value):
     with pytest.raises((ValueError, TypeError)) as info:
         TrainConfig(**{name: value}).validate()
@@ -350,28 +451,43 @@ def test_train_config_sweep(name, value):
 
 
 def test_train_config_examples():
-    with pytest.raises(ValueError, match="expected grad_clip to be a finite number > 0.0 or None, "
-                                         "got -1"):
+    with pytest.raises(
+        ValueError, match="expected grad_clip to be a finite number > 0.0 or None, got -1"
+    ):
         TrainConfig(grad_clip=-1).validate()
     with pytest.raises(ValueError, match="expected lr to be a finite number > 0.0, got -0.001"):
         TrainConfig(lr=-0.001).validate()
-    TrainConfig(grad_clip=None, snr_gamma=None, max_steps=None, attention_head_dim=None,
-                keep_checkpoints=0, warmup_steps=0, weight_decay=0, label_dropout=0).validate()
+    TrainConfig(
+        grad_clip=None,
+        snr_gamma=None,
+        max_steps=None,
+        attention_head_dim=None,
+        keep_checkpoints=0,
+        warmup_steps=0,
+        weight_decay=0,
+        label_dropout=0,
+    ).validate()
 
 
 # ---------------------------------------------------------------------------
 # optimisers
 # ---------------------------------------------------------------------------
 OPT_ARGS = {
-    "lr": ("float", 0.0, None, {}), "eps": ("float", 0.0, None, {"lo_open": True}),
+    "lr": ("float", 0.0, None, {}),
+    "eps": ("float", 0.0, None, {"lo_open": True}),
     "weight_decay": ("float", 0.0, None, {}),
 }
 
 
-@pytest.mark.parametrize("name,value", sweep(OPT_ARGS) + [
-    pytest.param("betas", (0.9, 1.0), id="betas=(0.9,1)"),
-    pytest.param("betas", (0.9,), id="betas=(0.9,)"),
-    pytest.param("betas", (float("nan"), 0.9), id="betas=nan")])
+@pytest.mark.parametrize(
+    "name,value",
+    sweep(OPT_ARGS)
+    + [
+        pytest.param("betas", (0.9, 1.0), id="betas=(0.9,1)"),
+        pytest.param("betas", (0.9,), id="betas=(0.9,)"),
+        pytest.param("betas", (float("nan"), 0.9), id="betas=nan"),
+    ],
+)
 def test_adamw_sweep(model, name, value):
     with pytest.raises((ValueError, TypeError)) as info:
         AdamW(model, **{name: value})
@@ -399,8 +515,10 @@ def test_negative_grad_clip_would_have_negated_gradients(model):
         clip_grad_norm(model, -1.0)
 
 
-@pytest.mark.parametrize("arg,value", [("step", -1), ("base_lr", float("nan")),
-                                       ("warmup", 1.5), ("total", True), ("min_lr", -1.0)])
+@pytest.mark.parametrize(
+    "arg,value",
+    [("step", -1), ("base_lr", float("nan")), ("warmup", 1.5), ("total", True), ("min_lr", -1.0)],
+)
 def test_warmup_cosine_sweep(arg, value):
     kw = {"step": 3, "base_lr": 1e-3, "warmup": 2, "total": 10, "min_lr": 0.0, arg: value}
     with pytest.raises((ValueError, TypeError), match=arg):
@@ -436,19 +554,31 @@ def _data_calls():
 
 
 DATA_ARGS = {
-    "factor": ("int", 1, None, {}), "test_fraction": ("float", 0.0, 1.0, {}),
-    "seed": ("int", 0, None, {}), "batch_size": ("int", 1, None, {}), "skip": ("int", 0, None, {}),
-    "drop_last": ("bool", None, None, {}), "nrow": ("int", 1, None, {}),
-    "pad": ("int", 0, None, {}), "scale": ("int", 1, None, {}),
-    "duration_ms": ("int", 1, None, {}), "size": ("int", 4, None, {}),
-    "epochs": ("int", 1, None, {"none": True}), "lr": ("float", 0.0, None, {"lo_open": True}),
+    "factor": ("int", 1, None, {}),
+    "test_fraction": ("float", 0.0, 1.0, {}),
+    "seed": ("int", 0, None, {}),
+    "batch_size": ("int", 1, None, {}),
+    "skip": ("int", 0, None, {}),
+    "drop_last": ("bool", None, None, {}),
+    "nrow": ("int", 1, None, {}),
+    "pad": ("int", 0, None, {}),
+    "scale": ("int", 1, None, {}),
+    "duration_ms": ("int", 1, None, {}),
+    "size": ("int", 4, None, {}),
+    "epochs": ("int", 1, None, {"none": True}),
+    "lr": ("float", 0.0, None, {"lo_open": True}),
 }
 
 
-@pytest.mark.parametrize("name,value", sweep(DATA_ARGS) + [
-    pytest.param("channels", [8, 0, 8], id="channels=[8,0,8]"),
-    pytest.param("channels", [8, 8], id="channels=[8,8]"),
-    pytest.param("test_fraction", 1.0, id="test_fraction=1")])
+@pytest.mark.parametrize(
+    "name,value",
+    sweep(DATA_ARGS)
+    + [
+        pytest.param("channels", [8, 0, 8], id="channels=[8,0,8]"),
+        pytest.param("channels", [8, 8], id="channels=[8,8]"),
+        pytest.param("test_fraction", 1.0, id="test_fraction=1"),
+    ],
+)
 def test_data_images_classifier_sweep(name, value):
     with pytest.raises((ValueError, TypeError)) as info:
         _data_calls()[name](value)

@@ -19,9 +19,18 @@ from xpdiff import __version__
 from xpdiff.cli import build_parser, main
 from xpdiff.training import TrainConfig, Trainer
 
-TINY = dict(block_out_channels=[8, 16], norm_num_groups=4, attention_head_dim=8, batch_size=8,
-            max_steps=2, checkpoint_every=2, log_every=1, warmup_steps=1, sample_steps=2,
-            size=14)
+TINY = dict(
+    block_out_channels=[8, 16],
+    norm_num_groups=4,
+    attention_head_dim=8,
+    batch_size=8,
+    max_steps=2,
+    checkpoint_every=2,
+    log_every=1,
+    warmup_steps=1,
+    sample_steps=2,
+    size=14,
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +41,13 @@ def files(tmp_path_factory):
     data.mkdir()
     n = 40
     (data / "train-images-idx3-ubyte").write_bytes(
-        struct.pack(">iIII", 2051, n, 28, 28) + bytes(range(256)) * (n * 784 // 256)
-        + bytes(n * 784 % 256))
+        struct.pack(">iIII", 2051, n, 28, 28)
+        + bytes(range(256)) * (n * 784 // 256)
+        + bytes(n * 784 % 256)
+    )
     (data / "train-labels-idx1-ubyte").write_bytes(
-        struct.pack(">iI", 2049, n) + bytes(i % 10 for i in range(n)))
+        struct.pack(">iI", 2049, n) + bytes(i % 10 for i in range(n))
+    )
     empty = root / "empty"
     empty.mkdir()
     (empty / "train-images-idx3-ubyte").write_bytes(struct.pack(">iIII", 2051, 0, 28, 28))
@@ -45,20 +57,30 @@ def files(tmp_path_factory):
     Trainer(TrainConfig(**cfg), run, progress=False).train()
     out = {"run": str(run), "data": str(data), "empty": str(empty), "root": str(root)}
     for name, change in {
-        "good": {}, "clip": {"grad_clip": -1}, "lr": {"lr": -0.1}, "epochs": {"epochs": 0},
-        "lpb": {"layers_per_block": "1"}, "dtype": {"dtype": "int32"},
-        "clipbool": {"clip_sample": "false"}, "unknown": {"learning_rate": 1},
-        "nanguide": {"guidance_scale": float("nan")}, "seed": {"seed": -1},
-        "steps": {"max_steps": 0}, "bs": {"batch_size": 2.5},
+        "good": {},
+        "clip": {"grad_clip": -1},
+        "lr": {"lr": -0.1},
+        "epochs": {"epochs": 0},
+        "lpb": {"layers_per_block": "1"},
+        "dtype": {"dtype": "int32"},
+        "clipbool": {"clip_sample": "false"},
+        "unknown": {"learning_rate": 1},
+        "nanguide": {"guidance_scale": float("nan")},
+        "seed": {"seed": -1},
+        "steps": {"max_steps": 0},
+        "bs": {"batch_size": 2.5},
     }.items():
         path = root / f"{name}.json"
         path.write_text(json.dumps({**cfg, **change}))
         out[name] = str(path)
     (root / "list.json").write_text("[1, 2]")
     (root / "garbage.json").write_text("{not json")
-    (root / "latin1.json").write_bytes(b"{\"lr\": \"\xe9\"}")
-    out.update(list=str(root / "list.json"), garbage=str(root / "garbage.json"),
-               latin1=str(root / "latin1.json"))
+    (root / "latin1.json").write_bytes(b'{"lr": "\xe9"}')
+    out.update(
+        list=str(root / "list.json"),
+        garbage=str(root / "garbage.json"),
+        latin1=str(root / "latin1.json"),
+    )
     return out
 
 
@@ -83,8 +105,11 @@ BAD = [
     ("train --config {garbage}", r"garbage.json: not valid JSON"),
     ("train --config {latin1}", r"latin1.json: not valid JSON: not UTF-8"),
     ("train --config {list}", r"config file .*list.json: expected a JSON object"),
-    ("train --config {clip}", r"config file .*: expected grad_clip to be a finite number > 0.0 "
-                              r"or None, got -1"),
+    (
+        "train --config {clip}",
+        r"config file .*: expected grad_clip to be a finite number > 0.0 "
+        r"or None, got -1",
+    ),
     ("train --config {lr}", r"expected lr to be a finite number > 0.0, got -0.1"),
     ("train --config {epochs}", r"expected epochs to be an integer >= 1, got 0"),
     ("train --config {lpb}", r"expected layers_per_block to be an integer >= 1, got '1'"),
@@ -98,14 +123,19 @@ BAD = [
     ("train --data {root}/nowhere --steps 5", r"no such directory: .*nowhere"),
     ("train --data {empty} --steps 5", r"Trainer: no training images in .*empty"),
     ("train --config {good} --out {run}", r"already holds checkpoints; pass --resume"),
-    ("train --config {good} --out {run} --resume --lr 0.5",
-     r"different settings for \['lr'\]; start a new run directory"),
+    (
+        "train --config {good} --out {run} --resume --lr 0.5",
+        r"different settings for \['lr'\]; start a new run directory",
+    ),
     # sample
     ("sample {root}/nothing", r"found neither at .*nothing"),
     ("sample {run} --per-digit 0", r"--per-digit to be an integer >= 1, got 0"),
     ("sample {run} --steps 0", r"--steps to be an integer >= 1, got 0"),
-    ("sample {run} --steps 5000", r"num_inference_steps to be an integer >= 1 and "
-                                  r"<= 1000, got 5000"),
+    (
+        "sample {run} --steps 5000",
+        r"num_inference_steps to be an integer >= 1 and "
+        r"<= 1000, got 5000",
+    ),
     ("sample {run} --guidance nan", r"--guidance to be a finite number >= 0.0, got nan"),
     ("sample {run} --guidance=-inf", r"--guidance to be a finite number >= 0.0, got -inf"),
     ("sample {run} --seed -1", r"--seed to be an integer >= 0, got -1"),
@@ -178,13 +208,20 @@ def test_every_flag_has_help_with_its_default_and_choices():
             assert action.help, f"{name} {action.option_strings} has no help text"
             if action.default not in (None, False, argparse.SUPPRESS):
                 assert f"(default: {action.default})" in " ".join(text.split()), (
-                    f"{name} {action.option_strings}: the help does not show the default")
+                    f"{name} {action.option_strings}: the help does not show the default"
+                )
             elif action.option_strings and action.default is None and action.nargs is None:
                 # flags without a fixed default say where the value comes from
                 assert "default" in action.help, f"{name} {action.option_strings}"
-    enums = {("train", "--size"), ("train", "--backend"), ("sample", "--scheduler"),
-             ("sample", "--backend"), ("evaluate", "--backend"), ("noise-figure", "--size"),
-             ("noise-figure", "--beta-schedule")}
+    enums = {
+        ("train", "--size"),
+        ("train", "--backend"),
+        ("sample", "--scheduler"),
+        ("sample", "--backend"),
+        ("evaluate", "--backend"),
+        ("noise-figure", "--size"),
+        ("noise-figure", "--beta-schedule"),
+    }
     subs = _subparsers(parser)
     for name, flag in enums:
         action = next(a for a in subs[name]._actions if flag in a.option_strings)
@@ -193,10 +230,27 @@ def test_every_flag_has_help_with_its_default_and_choices():
 
 def test_divergence_advice_says_how_to_follow_it(files, tmp_path, capsys):
     cfg = tmp_path / "hot.json"
-    cfg.write_text(json.dumps({**json.loads(open(files["good"]).read()), "lr": 1e41,
-                               "max_steps": 4, "checkpoint_every": 1}))
-    rc = main(["train", "--config", str(cfg), "--out", str(tmp_path / "hot"), "--no-progress",
-               "--no-samples"])
+    cfg.write_text(
+        json.dumps(
+            {
+                **json.loads(open(files["good"]).read()),
+                "lr": 1e41,
+                "max_steps": 4,
+                "checkpoint_every": 1,
+            }
+        )
+    )
+    rc = main(
+        [
+            "train",
+            "--config",
+            str(cfg),
+            "--out",
+            str(tmp_path / "hot"),
+            "--no-progress",
+            "--no-samples",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err
     assert "start a new run (a new --out) with a lower --lr" in err
@@ -204,9 +258,12 @@ def test_divergence_advice_says_how_to_follow_it(files, tmp_path, capsys):
 
 def test_console_script_exit_status_and_single_line():
     """The real process: status 2, one line on stderr, nothing on stdout."""
-    proc = subprocess.run([sys.executable, "-m", "xpdiff.cli", "train", "--steps", "0"],
-                          capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "xpdiff.cli", "train", "--steps", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr == ("error: xpdiff train: expected --steps to be an integer >= 1, "
-                           "got 0\n")
+    assert proc.stderr == ("error: xpdiff train: expected --steps to be an integer >= 1, got 0\n")

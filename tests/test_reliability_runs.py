@@ -52,16 +52,26 @@ def write_idx(folder: Path, n: int, seed: int = 0) -> Path:
     images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
     labels = (np.arange(n) % 10).astype(np.uint8)
     (folder / "train-images-idx3-ubyte").write_bytes(
-        struct.pack(">iIII", 2051, n, 28, 28) + images.tobytes())
-    (folder / "train-labels-idx1-ubyte").write_bytes(
-        struct.pack(">iI", 2049, n) + labels.tobytes())
+        struct.pack(">iIII", 2051, n, 28, 28) + images.tobytes()
+    )
+    (folder / "train-labels-idx1-ubyte").write_bytes(struct.pack(">iI", 2049, n) + labels.tobytes())
     return folder
 
 
 def tiny(data: Path | None, **kw) -> TrainConfig:
-    base = dict(data=None if data is None else str(data), block_out_channels=[8, 16],
-                norm_num_groups=4, attention_head_dim=8, batch_size=8, max_steps=4,
-                checkpoint_every=2, log_every=1, warmup_steps=1, sample_steps=2, size=14)
+    base = dict(
+        data=None if data is None else str(data),
+        block_out_channels=[8, 16],
+        norm_num_groups=4,
+        attention_head_dim=8,
+        batch_size=8,
+        max_steps=4,
+        checkpoint_every=2,
+        log_every=1,
+        warmup_steps=1,
+        sample_steps=2,
+        size=14,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -95,8 +105,11 @@ def edit_state(ckpt: Path, **changes) -> None:
 def test_resume_with_batch_in_epoch_beyond_the_epoch(run, data200):
     edit_state(latest_checkpoint(run), batch_in_epoch=99999)
     t = Trainer(tiny(data200, max_steps=8), run, progress=False)
-    with pytest.raises(ValueError, match=r"batch_in_epoch 99999 is beyond the epoch of 23 "
-                                         r"batches"):
+    with pytest.raises(
+        ValueError,
+        match=r"batch_in_epoch 99999 is beyond the epoch of 23 "
+        r"batches",
+    ):
         t.resume()
     assert not (run / RunLock.NAME).exists()  # the failed resume let the lock go
 
@@ -128,11 +141,22 @@ def test_empty_data_set(tmp_path, capsys):
     empty = write_idx(tmp_path / "empty", 0)
     with pytest.raises(ValueError, match=r"Trainer: no training images in .*empty"):
         Trainer(tiny(empty), tmp_path / "run", progress=False)
-    rc = main(["train", "--data", str(empty), "--steps", "5", "--out", str(tmp_path / "r2"),
-               "--no-progress"])
+    rc = main(
+        [
+            "train",
+            "--data",
+            str(empty),
+            "--steps",
+            "5",
+            "--out",
+            str(tmp_path / "r2"),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("error: Trainer: no training images") and "Traceback" \
-        not in err
+    assert (
+        rc == 2 and err.startswith("error: Trainer: no training images") and "Traceback" not in err
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -157,18 +181,20 @@ def test_last_good_checkpoint_is_finite(tmp_path, data200, capsys):
     w["conv_out.weight"][...] = np.inf
     io.save_safetensors(w, f)
     png = tmp_path / "s.png"
-    assert main(["sample", str(ckpt), "--out", str(png), "--steps", "2", "--per-digit",
-                 "1"]) == 2
+    assert main(["sample", str(ckpt), "--out", str(png), "--steps", "2", "--per-digit", "1"]) == 2
     assert "the weights hold NaN or inf" in capsys.readouterr().err and not png.exists()
 
 
-@pytest.mark.parametrize("damage,match", [
-    ("drop_m", r"optimizer.safetensors: AdamW.load_state_dict: missing m moments \(1\)"),
-    ("shape_v", r"optimizer.safetensors: .*v.conv_in.bias: expected shape \(8,\), got \(3,\)"),
-    ("extra", r"unexpected entry 'm.nonsense'"),
-    ("ema_drop", r"unet_ema.*EMA.load_state_dict: missing entries \(1\): conv_in.bias"),
-    ("ema_shape", r"EMA.load_state_dict: conv_in.bias: expected shape \(8,\), got \(2, 4\)"),
-])
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        ("drop_m", r"optimizer.safetensors: AdamW.load_state_dict: missing m moments \(1\)"),
+        ("shape_v", r"optimizer.safetensors: .*v.conv_in.bias: expected shape \(8,\), got \(3,\)"),
+        ("extra", r"unexpected entry 'm.nonsense'"),
+        ("ema_drop", r"unet_ema.*EMA.load_state_dict: missing entries \(1\): conv_in.bias"),
+        ("ema_shape", r"EMA.load_state_dict: conv_in.bias: expected shape \(8,\), got \(2, 4\)"),
+    ],
+)
 def test_mismatched_optimizer_or_ema_state_is_an_error(run, data200, damage, match):
     ckpt = latest_checkpoint(run)
     opt_f, ema_f = ckpt / "optimizer.safetensors", ckpt / "unet_ema" / io.WEIGHTS_NAME
@@ -189,19 +215,22 @@ def test_mismatched_optimizer_or_ema_state_is_an_error(run, data200, damage, mat
         Trainer(tiny(data200, max_steps=8), run, progress=False).resume()
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"step": -4}, r"expected step to be an integer >= 0, got -4"),
-    ({"step": 3.5}, r"expected step to be an integer >= 0, got 3.5"),
-    ({"step": "4"}, r"expected step to be an integer >= 0, got '4'"),
-    ({"step": True}, r"expected step to be an integer >= 0, got True"),
-    ({"step": 5}, r"step 5 does not match epoch 0 and batch_in_epoch 4"),
-    ({"epoch": -1}, r"expected epoch to be an integer >= 0"),
-    ({"step": KeyError}, r"missing entries \['step'\]"),
-    ({"optimizer": [1]}, r"expected optimizer to be a JSON object"),
-    ({"data_rng_state": {"state": 3}}, r"data_rng_state is not a generator state"),
-    ({"ema": {"decay": float("nan"), "updates": 4}}, r"expected decay to be a finite number"),
-    ({"optimizer": {"t": -1}}, r"expected t to be an integer >= 0, got -1"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"step": -4}, r"expected step to be an integer >= 0, got -4"),
+        ({"step": 3.5}, r"expected step to be an integer >= 0, got 3.5"),
+        ({"step": "4"}, r"expected step to be an integer >= 0, got '4'"),
+        ({"step": True}, r"expected step to be an integer >= 0, got True"),
+        ({"step": 5}, r"step 5 does not match epoch 0 and batch_in_epoch 4"),
+        ({"epoch": -1}, r"expected epoch to be an integer >= 0"),
+        ({"step": KeyError}, r"missing entries \['step'\]"),
+        ({"optimizer": [1]}, r"expected optimizer to be a JSON object"),
+        ({"data_rng_state": {"state": 3}}, r"data_rng_state is not a generator state"),
+        ({"ema": {"decay": float("nan"), "updates": 4}}, r"expected decay to be a finite number"),
+        ({"optimizer": {"t": -1}}, r"expected t to be an integer >= 0, got -1"),
+    ],
+)
 def test_bad_trainer_state_is_an_error(run, data200, change, match):
     edit_state(latest_checkpoint(run), **change)
     with pytest.raises(ValueError, match=match):
@@ -214,8 +243,16 @@ def test_trainer_state_not_an_object(run, data200):
         Trainer(tiny(data200, max_steps=8), run, progress=False).resume()
 
 
-@pytest.mark.parametrize("text", ["[\"checkpoint-0000004\"]", "garbage{", "{\"checkpoint\": 4}",
-                                  "{\"checkpoint\": \"../../etc\"}", "\xff\xfe"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '["checkpoint-0000004"]',
+        "garbage{",
+        '{"checkpoint": 4}',
+        '{"checkpoint": "../../etc"}',
+        "\xff\xfe",
+    ],
+)
 def test_malformed_latest_json_falls_back_with_a_warning(run, data200, text):
     (run / "latest.json").write_bytes(text.encode("latin-1"))
     with pytest.warns(RuntimeWarning, match=r"ignoring .*latest.json"):
@@ -246,8 +283,21 @@ def test_torn_metrics_line_does_not_block_resume(run, data200, capsys):
         f.write('{"step": 1}\n{"st')
     cfg = run / "cfg.json"
     cfg.write_text(json.dumps(tiny(data200, max_steps=7).to_json()))
-    assert main(["train", "--config", str(cfg), "--out", str(run), "--resume", "--no-samples",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(cfg),
+                "--out",
+                str(run),
+                "--resume",
+                "--no-samples",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "warning: " in err and "torn last line" in err and "Traceback" not in err
 
@@ -309,11 +359,17 @@ def test_two_trainers_on_one_directory(tmp_path, data200, capsys):
     naming its PID; after that process dies, its lock file is stale and is taken over."""
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; from xpdiff.training import RunLock; "
-         "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)",
-         str(out)], stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from xpdiff.training import RunLock; "
+            "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert (out / RunLock.NAME).read_text().split()[0] == str(holder.pid)
@@ -321,8 +377,12 @@ def test_two_trainers_on_one_directory(tmp_path, data200, capsys):
             Trainer(tiny(data200), out, progress=False).train()
         cfg = tmp_path / "cfg.json"
         cfg.write_text(json.dumps(tiny(data200).to_json()))
-        assert main(["train", "--config", str(cfg), "--out", str(out), "--no-progress",
-                     "--no-samples"]) == 2
+        assert (
+            main(
+                ["train", "--config", str(cfg), "--out", str(out), "--no-progress", "--no-samples"]
+            )
+            == 2
+        )
         err = capsys.readouterr().err
         assert f"error: {out} is in use: process {holder.pid} is training there" in err
         assert not list(out.glob("checkpoint-*")) and not (out / "metrics.jsonl").exists()
@@ -373,8 +433,7 @@ def test_pruning_never_shows_a_half_deleted_checkpoint(run, data200, monkeypatch
     t = Trainer(tiny(data200, max_steps=8), run, progress=False)
     t.resume()
     t.train()
-    assert names_during_delete and all(not n.startswith("checkpoint-")
-                                       for n in names_during_delete)
+    assert names_during_delete and all(not n.startswith("checkpoint-") for n in names_during_delete)
 
 
 # ---------------------------------------------------------------------------
@@ -401,11 +460,20 @@ def test_written_files_get_the_umask_permissions(tmp_path, data200, umask, mode)
     finally:
         os.umask(old)
     ckpt = latest_checkpoint(out)
-    files = [out / "config.json", out / "latest.json", out / "metrics.jsonl",
-             ckpt / "trainer_state.json", ckpt / "optimizer.safetensors",
-             ckpt / "scheduler" / "scheduler_config.json", ckpt / "unet" / io.CONFIG_NAME,
-             ckpt / "unet" / io.WEIGHTS_NAME, tmp_path / "g.png", tmp_path / "g.gif",
-             tmp_path / "x.json", tmp_path / "sched" / "scheduler_config.json"]
+    files = [
+        out / "config.json",
+        out / "latest.json",
+        out / "metrics.jsonl",
+        ckpt / "trainer_state.json",
+        ckpt / "optimizer.safetensors",
+        ckpt / "scheduler" / "scheduler_config.json",
+        ckpt / "unet" / io.CONFIG_NAME,
+        ckpt / "unet" / io.WEIGHTS_NAME,
+        tmp_path / "g.png",
+        tmp_path / "g.gif",
+        tmp_path / "x.json",
+        tmp_path / "sched" / "scheduler_config.json",
+    ]
     assert {f.name: oct(_mode(f)) for f in files} == {f.name: oct(mode) for f in files}
 
 
@@ -434,7 +502,7 @@ def test_read_errors_name_the_file(run, tmp_path):
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         UNet2DModel.from_pretrained(ckpt / "unet")
     sched = ckpt / "scheduler" / "scheduler_config.json"
-    sched.write_bytes(b"{\"beta_schedule\": \"\xff\xfe\"}")
+    sched.write_bytes(b'{"beta_schedule": "\xff\xfe"}')
     with pytest.raises(ValueError, match=rf"{sched}: not valid JSON"):
         DDPMScheduler.from_pretrained(ckpt / "scheduler")
     state = ckpt / "trainer_state.json"

@@ -130,11 +130,18 @@ def run_against_diffusers(
         else:
             res = ours.step(out_ours, t, x_ours, eta=eta, variance_noise=noise, **step_kwargs)
             if theirs_prev(theirs, t) == ours.previous_timestep(t):
-                ref = theirs.step(out_theirs, t, x_theirs, eta=eta,
-                                  variance_noise=torch.from_numpy(z), **step_kwargs)
+                ref = theirs.step(
+                    out_theirs,
+                    t,
+                    x_theirs,
+                    eta=eta,
+                    variance_noise=torch.from_numpy(z),
+                    **step_kwargs,
+                )
             else:  # diffusers leaves the grid here (see ddim_reference_step): the formula
-                ref = ddim_reference_step(ours, _np(out_ours), t, _np(x_ours), eta, z,
-                                          **step_kwargs)
+                ref = ddim_reference_step(
+                    ours, _np(out_ours), t, _np(x_ours), eta, z, **step_kwargs
+                )
         _same_kind(res.prev_sample, x_ours)
         _same_kind(res.pred_original_sample, x_ours)
         # float32 agreement: 1e-5 absolute, relative where values exceed 1
@@ -779,8 +786,12 @@ def test_trailing_grid_of_issue():
 @pytest.mark.parametrize("n", [1, 3, 5, 7, 50])
 def test_ddim_with_the_exact_noise_returns_to_x0(spacing, n):
     """A model predicting the true noise takes DDIM (eta = 0) to x_0 on every spacing."""
-    sched = DDIMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2",
-                          clip_sample=False, timestep_spacing=spacing)
+    sched = DDIMScheduler(
+        num_train_timesteps=100,
+        beta_schedule="squaredcos_cap_v2",
+        clip_sample=False,
+        timestep_spacing=spacing,
+    )
     sched.set_timesteps(n)
     x0 = np.linspace(-0.9, 0.9, 16, dtype=np.float64).reshape(1, 1, 4, 4)
     eps = np.cos(np.arange(16, dtype=np.float64)).reshape(1, 1, 4, 4)
@@ -797,8 +808,12 @@ def test_ddim_with_the_exact_noise_returns_to_x0(spacing, n):
 
 
 def test_ddim_step_lands_on_the_grid_value_of_issue():
-    sched = DDIMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2",
-                          clip_sample=False, timestep_spacing="linspace")
+    sched = DDIMScheduler(
+        num_train_timesteps=100,
+        beta_schedule="squaredcos_cap_v2",
+        clip_sample=False,
+        timestep_spacing="linspace",
+    )
     sched.set_timesteps(5)
     assert sched.timesteps.tolist() == [99, 74, 50, 25, 0]
     assert [sched.previous_timestep(t) for t in sched.timesteps] == [74, 50, 25, 0, -1]
@@ -827,8 +842,9 @@ def test_integer_like_timesteps_everywhere(form):
     want = math.sqrt(abar) + math.sqrt(1 - abar)
     assert want == pytest.approx(1.029525, abs=1e-6)
     np.testing.assert_allclose(sched.add_noise(x, x, make(5)), want, rtol=1e-6)
-    np.testing.assert_allclose(sched.get_velocity(x, x, make(5)),
-                               math.sqrt(abar) - math.sqrt(1 - abar), rtol=1e-5)
+    np.testing.assert_allclose(
+        sched.get_velocity(x, x, make(5)), math.sqrt(abar) - math.sqrt(1 - abar), rtol=1e-5
+    )
     ddim = DDIMScheduler()
     ddim.set_timesteps(10)
     t = int(ddim.timesteps[3])
@@ -850,13 +866,19 @@ def test_integer_like_timesteps_of_torch():
 
 
 @pytest.mark.parametrize("cls", [DDPMScheduler, DDIMScheduler])
-@pytest.mark.parametrize("kw, first", [
-    (dict(num_train_timesteps=143, beta_end=0.9), 141),
-    (dict(beta_end=0.25), None),
-])
+@pytest.mark.parametrize(
+    "kw, first",
+    [
+        (dict(num_train_timesteps=143, beta_end=0.9), 141),
+        (dict(beta_end=0.25), None),
+    ],
+)
 def test_zero_terminal_snr_is_refused(cls, kw, first):
-    with pytest.raises(ValueError, match=r"zero terminal SNR: float32 alphas_cumprod rounds to "
-                                         r"0 from t = (\d+)") as info:
+    with pytest.raises(
+        ValueError,
+        match=r"zero terminal SNR: float32 alphas_cumprod rounds to "
+        r"0 from t = (\d+)",
+    ) as info:
         cls(**kw)
     assert "beta_schedule='linear'" in str(info.value)
     if first is not None:

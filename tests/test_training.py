@@ -14,9 +14,18 @@ from xpdiff.training import TrainConfig, Trainer, TrainingDiverged, latest_check
 
 
 def tiny(**kw) -> TrainConfig:
-    base = dict(block_out_channels=[8, 16], norm_num_groups=4, attention_head_dim=8,
-                batch_size=8, max_steps=6, checkpoint_every=3, log_every=1, warmup_steps=2,
-                sample_steps=2, size=14)
+    base = dict(
+        block_out_channels=[8, 16],
+        norm_num_groups=4,
+        attention_head_dim=8,
+        batch_size=8,
+        max_steps=6,
+        checkpoint_every=3,
+        log_every=1,
+        warmup_steps=2,
+        sample_steps=2,
+        size=14,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -77,9 +86,14 @@ def test_checkpoint_layout_loads_in_diffusers_layout(tmp_path):
     t.train()
     ckpt = latest_checkpoint(tmp_path)
     assert ckpt.name == "checkpoint-0000003"
-    for f in ["unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-              "unet_ema/config.json", "scheduler/scheduler_config.json",
-              "optimizer.safetensors", "trainer_state.json"]:
+    for f in [
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet_ema/config.json",
+        "scheduler/scheduler_config.json",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ]:
         assert (ckpt / f).is_file(), f
     assert not list(tmp_path.glob(".tmp-*"))
     cfg = io.load_json(ckpt / "unet" / "config.json")
@@ -166,8 +180,9 @@ def test_example_config_files_load_and_build(tmp_path):
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="expected snr_gamma to be a finite number > 0.0 or None, "
-                                         "got 0"):
+    with pytest.raises(
+        ValueError, match="expected snr_gamma to be a finite number > 0.0 or None, got 0"
+    ):
         tiny(snr_gamma=0).validate()
     with pytest.raises(ValueError, match="expected size to be one of 14, 28, got 20"):
         tiny(size=20).validate()
@@ -185,12 +200,44 @@ def test_cli_train_sample_evaluate_figure(tmp_path, capsys):
     assert "done: 4 steps" in out
     # a second train into the same directory without --resume is refused
     assert main(["train", "--config", str(cfg), "--out", str(run), "--no-progress"]) == 2
-    assert main(["train", "--config", str(cfg), "--out", str(run), "--no-progress",
-                 "--resume", "--steps", "5", "--no-samples"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(cfg),
+                "--out",
+                str(run),
+                "--no-progress",
+                "--resume",
+                "--steps",
+                "5",
+                "--no-samples",
+            ]
+        )
+        == 0
+    )
     assert "resumed from step 4" in capsys.readouterr().out
     png, gif = tmp_path / "s.png", tmp_path / "s.gif"
-    assert main(["sample", str(run), "--out", str(png), "--gif", str(gif), "--steps", "3",
-                 "--per-digit", "2", "--scheduler", "ddpm"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(run),
+                "--out",
+                str(png),
+                "--gif",
+                str(gif),
+                "--steps",
+                "3",
+                "--per-digit",
+                "2",
+                "--scheduler",
+                "ddpm",
+            ]
+        )
+        == 0
+    )
     from PIL import Image
 
     assert Image.open(png).size[1] > Image.open(png).size[0]  # 10 rows of 2 digits
@@ -218,11 +265,20 @@ def test_kill_9_loses_only_the_steps_since_the_last_checkpoint(tmp_path):
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps(tiny(max_steps=40, checkpoint_every=2, log_every=100).to_json()))
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "xpdiff.cli", "train", "--config", str(cfg), "--no-progress",
-           "--no-samples"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "xpdiff.cli",
+        "train",
+        "--config",
+        str(cfg),
+        "--no-progress",
+        "--no-samples",
+    ]
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd + ["--out", str(run)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd + ["--out", str(run)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         ptr = run / "latest.json"
@@ -236,13 +292,15 @@ def test_kill_9_loses_only_the_steps_since_the_last_checkpoint(tmp_path):
     assert last is not None
     done = int(last.name.split("-")[1])
     assert 6 <= done < 40
-    resumed = subprocess.run(cmd + ["--out", str(run), "--resume"], env=env,
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        cmd + ["--out", str(run), "--resume"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from step {done}" in resumed.stdout
     whole = tmp_path / "whole"
-    subprocess.run(cmd + ["--out", str(whole)], env=env, check=True, capture_output=True,
-                   timeout=300)
+    subprocess.run(
+        cmd + ["--out", str(whole)], env=env, check=True, capture_output=True, timeout=300
+    )
     a = io.load_safetensors(run / "checkpoint-0000040" / "unet" / io.WEIGHTS_NAME)
     b = io.load_safetensors(whole / "checkpoint-0000040" / "unet" / io.WEIGHTS_NAME)
     assert all(np.array_equal(a[k], b[k]) for k in b)

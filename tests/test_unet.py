@@ -154,8 +154,9 @@ def diffusers_model(cfg: dict, seed: int = 0, share_embedding: bool = True):
         tp = d.time_proj
 
         def forward(t):
-            emb = timestep_embedding(t.detach().numpy(), tp.num_channels, tp.flip_sin_to_cos,
-                                     tp.downscale_freq_shift)
+            emb = timestep_embedding(
+                t.detach().numpy(), tp.num_channels, tp.flip_sin_to_cos, tp.downscale_freq_shift
+            )
             return torch.from_numpy(np.array(emb))
 
         tp.forward = forward
@@ -178,8 +179,10 @@ def run_diffusers(d, x, t, c, gy, forward=None):
     ct = None if c is None else torch.tensor(c)
     y = forward(xt, tt, ct) if forward else d(xt, tt, class_labels=ct).sample
     (y * torch.tensor(gy)).sum().backward()
-    grads = {n: p.grad.numpy() if p.grad is not None else np.zeros(tuple(p.shape))
-             for n, p in d.named_parameters()}
+    grads = {
+        n: p.grad.numpy() if p.grad is not None else np.zeros(tuple(p.shape))
+        for n, p in d.named_parameters()
+    }
     return y.detach().numpy(), xt.grad.numpy(), grads
 
 
@@ -210,14 +213,18 @@ def compare_grads(ours: dict, ref: dict, tol: float):
 
 
 def _report(label, e_y, e_gx, worst, worst_zero):
-    zero = (f"; zero-in-theory tensors {worst_zero[0]:.1e} of 1e-9*max|grad| "
-            f"({worst_zero[1]})" if worst_zero[1] else "")
-    print(f"\n[{label}] forward {e_y:.2e}  input grad {e_gx:.2e}  worst param grad "
-          f"{worst[0]:.2e} ({worst[1]}){zero}")
+    zero = (
+        f"; zero-in-theory tensors {worst_zero[0]:.1e} of 1e-9*max|grad| ({worst_zero[1]})"
+        if worst_zero[1]
+        else ""
+    )
+    print(
+        f"\n[{label}] forward {e_y:.2e}  input grad {e_gx:.2e}  worst param grad "
+        f"{worst[0]:.2e} ({worst[1]}){zero}"
+    )
 
 
-def oracle(cfg, x, t, c, gy, *, label, share_embedding=True, fwd_tol=1e-6, grad_tol=1e-5,
-           seed=0):
+def oracle(cfg, x, t, c, gy, *, label, share_embedding=True, fwd_tol=1e-6, grad_tol=1e-5, seed=0):
     d = diffusers_model(cfg, seed, share_embedding)
     m = xpdiff_from(d, cfg)
     y, gx, grads = run_xpdiff(m, x, t, c, gy)
@@ -291,8 +298,13 @@ ORACLE_CASES = [
     pytest.param(MNIST28, 2, (28, 28), [3, 3], id="mnist28"),
     pytest.param(ODD, 3, (8, 12), [2, 0, 2], id="odd"),
     pytest.param(NOATTN_MID, 2, (8, 8), None, id="noattn_mid"),
-    pytest.param({**NOATTN_MID, "mid_block_type": None, "num_class_embeds": 2}, 2, (6, 4),
-                 [1, 1], id="no_mid_block"),
+    pytest.param(
+        {**NOATTN_MID, "mid_block_type": None, "num_class_embeds": 2},
+        2,
+        (6, 4),
+        [1, 1],
+        id="no_mid_block",
+    ),
 ]
 
 
@@ -310,8 +322,17 @@ def test_oracle_unshared_embedding(cfg, label):
     hw = (14, 14) if cfg is SEED14 else (8, 12)
     x, t, c, gy = inputs(cfg, batch, hw, seed=1)
     t[:] = [999, 500]
-    oracle(cfg, x, t, c, gy, label=f"{label}, diffusers' own embedding",
-           share_embedding=False, fwd_tol=1e-5, grad_tol=1e-4)
+    oracle(
+        cfg,
+        x,
+        t,
+        c,
+        gy,
+        label=f"{label}, diffusers' own embedding",
+        share_embedding=False,
+        fwd_tol=1e-5,
+        grad_tol=1e-4,
+    )
 
 
 def test_timestep_embedding_matches_diffusers():
@@ -355,17 +376,23 @@ def test_oracle_timestep_forms():
         assert not failures, (kind, failures)
         outs.append(y)
     # the same scalar given every way gives one output
-    same = [m(x, f, c) for f in (731, np.asarray(731), np.array([731]), np.array([731] * 3),
-                                 np.array([731.0]))]
+    same = [
+        m(x, f, c)
+        for f in (731, np.asarray(731), np.array([731]), np.array([731] * 3), np.array([731.0]))
+    ]
     for y in same[1:]:
         np.testing.assert_array_equal(y, same[0])
 
 
-@pytest.mark.parametrize("cfg,sizes", [
-    (SEED14, [(6, 10), (16, 16), (4, 2)]),
-    (ODD, [(12, 20), (4, 4)]),
-    (NOATTN_MID, [(10, 6)]),
-], ids=["seed14", "odd", "noattn_mid"])
+@pytest.mark.parametrize(
+    "cfg,sizes",
+    [
+        (SEED14, [(6, 10), (16, 16), (4, 2)]),
+        (ODD, [(12, 20), (4, 4)]),
+        (NOATTN_MID, [(10, 6)]),
+    ],
+    ids=["seed14", "odd", "noattn_mid"],
+)
 def test_oracle_sizes(cfg, sizes):
     """Other (even, non-square) sizes that diffusers' 2x upsampling supports: forward only."""
     torch = pytest.importorskip("torch")
@@ -378,8 +405,11 @@ def test_oracle_sizes(cfg, sizes):
         with no_grad():
             y = m(x, t, c)
         with torch.no_grad():
-            ry = d(torch.tensor(x), torch.tensor(t),
-                   class_labels=None if c is None else torch.tensor(c)).sample.numpy()
+            ry = d(
+                torch.tensor(x),
+                torch.tensor(t),
+                class_labels=None if c is None else torch.tensor(c),
+            ).sample.numpy()
         print(f"\n[size {hw} {cfg['block_out_channels']}] forward {rel(y, ry):.2e}")
         assert y.shape == ry.shape == (1, cfg["out_channels"], *hw)
         assert rel(y, ry) <= 1e-6
@@ -388,15 +418,25 @@ def test_oracle_sizes(cfg, sizes):
 # ---------------------------------------------------------------------------
 # 4. sizes diffusers cannot do: 14x14 with three levels (14 -> 7 -> 4 -> 7 -> 14)
 # ---------------------------------------------------------------------------
-SEED14_3 = {**SEED14, "block_out_channels": [32, 64, 64],
-            "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
-            "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"]}
+SEED14_3 = {
+    **SEED14,
+    "block_out_channels": [32, 64, 64],
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+}
 
-TINY3 = {"sample_size": 7, "in_channels": 1, "out_channels": 1,
-         "block_out_channels": [8, 8, 8], "norm_num_groups": 4, "attention_head_dim": 4,
-         "layers_per_block": 1, "num_class_embeds": 3,
-         "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
-         "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"]}
+TINY3 = {
+    "sample_size": 7,
+    "in_channels": 1,
+    "out_channels": 1,
+    "block_out_channels": [8, 8, 8],
+    "norm_num_groups": 4,
+    "attention_head_dim": 4,
+    "layers_per_block": 1,
+    "num_class_embeds": 3,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+}
 
 
 def _diffusers_forward_with_sizes(d):
@@ -444,8 +484,13 @@ def test_three_levels_on_14x14_against_diffusers_blocks():
     assert all(np.isfinite(g).all() for g in grads.values())
     ry, rgx, rgrads = run_diffusers(d, x, t, c, gy, forward=_diffusers_forward_with_sizes(d))
     worst, worst_zero, failures = compare_grads(grads, rgrads, 1e-5)
-    _report("oracle 14x14 three levels, diffusers blocks + upsample_size", rel(y, ry),
-            rel(gx, rgx), worst, worst_zero)
+    _report(
+        "oracle 14x14 three levels, diffusers blocks + upsample_size",
+        rel(y, ry),
+        rel(gx, rgx),
+        worst,
+        worst_zero,
+    )
     assert rel(y, ry) <= 1e-6
     assert rel(gx, rgx) <= 1e-5
     assert not failures, failures
@@ -472,8 +517,9 @@ def test_three_levels_finite_differences(hw):
 # ---------------------------------------------------------------------------
 def _grads_after_one_step(cfg, hw, seed=9):
     m = UNet2DModel(**cfg, dtype="float64", xp=np)
-    x, t, c, gy = inputs(cfg, 2, hw, seed=seed, labels=[0, 1] if cfg.get("num_class_embeds")
-                         else None)
+    x, t, c, gy = inputs(
+        cfg, 2, hw, seed=seed, labels=[0, 1] if cfg.get("num_class_embeds") else None
+    )
     _, _, grads = run_xpdiff(m, x, t, c, gy)
     return grads
 
@@ -505,15 +551,30 @@ def test_every_parameter_gets_a_gradient():
 #     goes straight into conv_norm_out (32 groups, 32 channels);
 #   * every attention's to_k.bias (softmax shift invariance, as above).
 SEED14_ZERO_GRAD = {
-    *(f"{r}.{p}" for r in ["down_blocks.0.resnets.0", "down_blocks.0.resnets.1",
-                           "up_blocks.1.resnets.0", "up_blocks.1.resnets.1",
-                           "up_blocks.1.resnets.2"]
-      for p in ["conv1.bias", "time_emb_proj.weight", "time_emb_proj.bias"]),
+    *(
+        f"{r}.{p}"
+        for r in [
+            "down_blocks.0.resnets.0",
+            "down_blocks.0.resnets.1",
+            "up_blocks.1.resnets.0",
+            "up_blocks.1.resnets.1",
+            "up_blocks.1.resnets.2",
+        ]
+        for p in ["conv1.bias", "time_emb_proj.weight", "time_emb_proj.bias"]
+    ),
     "up_blocks.1.resnets.2.conv2.bias",
     "up_blocks.1.resnets.2.conv_shortcut.bias",
-    *(f"{a}.to_k.bias" for a in ["down_blocks.1.attentions.0", "down_blocks.1.attentions.1",
-                                 "mid_block.attentions.0", "up_blocks.0.attentions.0",
-                                 "up_blocks.0.attentions.1", "up_blocks.0.attentions.2"]),
+    *(
+        f"{a}.to_k.bias"
+        for a in [
+            "down_blocks.1.attentions.0",
+            "down_blocks.1.attentions.1",
+            "mid_block.attentions.0",
+            "up_blocks.0.attentions.0",
+            "up_blocks.0.attentions.1",
+            "up_blocks.0.attentions.2",
+        ]
+    ),
 }
 
 
@@ -565,8 +626,10 @@ def test_namespaces_float32_keeps_dtype(xp):
     ref, (x, t, c, gy), (y, gx, grads) = _small_reference()
     m = UNet2DModel(**SMALL, dtype="float32", xp=xp)
     m.load_state_dict(ref.state_dict())
-    args = [backend.asarray(a.astype(np.float32) if a.dtype == np.float64 else a, xp)
-            for a in (x, t, c, gy)]
+    args = [
+        backend.asarray(a.astype(np.float32) if a.dtype == np.float64 else a, xp)
+        for a in (x, t, c, gy)
+    ]
     m.zero_grad()
     out = m(*args[:3])
     g = m.backward(args[3])
@@ -604,8 +667,9 @@ def test_diffusers_saved_loads_into_xpdiff(tmp_path):
     t[:] = [4, 321]
     y = _forward32(m, x, t, c)
     with torch.no_grad():
-        ry = d(torch.tensor(x, dtype=torch.float32), torch.tensor(t),
-               class_labels=torch.tensor(c)).sample.numpy()
+        ry = d(
+            torch.tensor(x, dtype=torch.float32), torch.tensor(t), class_labels=torch.tensor(c)
+        ).sample.numpy()
     print(f"\n[diffusers -> xpdiff file, float32] forward {rel(y, ry):.2e}")
     assert rel(y, ry) <= 1e-5
 
@@ -618,8 +682,9 @@ def test_xpdiff_saved_loads_into_diffusers(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [io.CONFIG_NAME, io.WEIGHTS_NAME]
     d = diffusers.UNet2DModel.from_pretrained(tmp_path)
     for k, v in ODD.items():
-        assert d.config[k] == (tuple(v) if isinstance(v, list)
-                               and isinstance(d.config[k], tuple) else v), k
+        assert d.config[k] == (
+            tuple(v) if isinstance(v, list) and isinstance(d.config[k], tuple) else v
+        ), k
     sd = d.state_dict()
     assert set(sd) == set(m.state_dict())
     for n, p in m.named_parameters():
@@ -628,8 +693,9 @@ def test_xpdiff_saved_loads_into_diffusers(tmp_path):
     t[:] = [9, 654]
     y = _forward32(m, x, t, c)
     with torch.no_grad():
-        ry = d(torch.tensor(x, dtype=torch.float32), torch.tensor(t),
-               class_labels=torch.tensor(c)).sample.numpy()
+        ry = d(
+            torch.tensor(x, dtype=torch.float32), torch.tensor(t), class_labels=torch.tensor(c)
+        ).sample.numpy()
     print(f"\n[xpdiff -> diffusers file, float32] forward {rel(y, ry):.2e}")
     assert rel(y, ry) <= 1e-5
     # and back into xpdiff, bit for bit, as float64 too
@@ -677,8 +743,9 @@ C2 = np.array([0, 1])
 
 
 def test_bad_sample(small):
-    with pytest.raises(ValueError,
-                       match=r"expected a 4-D input \(B, C, H, W\), got shape \(1, 6, 6\)"):
+    with pytest.raises(
+        ValueError, match=r"expected a 4-D input \(B, C, H, W\), got shape \(1, 6, 6\)"
+    ):
         small(_x((1, 6, 6)), T2, C2)
     with pytest.raises(ValueError, match=r"expected size 1 on axis 1, got shape \(2, 3, 6, 6\)"):
         small(_x((2, 3, 6, 6)), T2, C2)
@@ -689,8 +756,9 @@ def test_bad_sample(small):
 
 
 def test_bad_class_labels(small):
-    with pytest.raises(ValueError,
-                       match=r"class_labels of shape \(2,\) are required.*num_class_embeds=3"):
+    with pytest.raises(
+        ValueError, match=r"class_labels of shape \(2,\) are required.*num_class_embeds=3"
+    ):
         small(_x(), T2)
     with pytest.raises(ValueError, match=r"indices in \[0, 3\), got values in \[0, 3\]"):
         small(_x(), T2, np.array([0, 3]))
@@ -712,8 +780,9 @@ def test_bad_class_labels(small):
 def test_bad_timesteps(small):
     with pytest.raises(ValueError, match=r"timestep as a scalar or shape \(2,\), got shape \(3,\)"):
         small(_x(), np.array([1, 2, 3]), C2)
-    with pytest.raises(ValueError,
-                       match=r"timestep as a scalar or shape \(2,\), got shape \(2, 1\)"):
+    with pytest.raises(
+        ValueError, match=r"timestep as a scalar or shape \(2,\), got shape \(2, 1\)"
+    ):
         small(_x(), np.array([[1], [2]]), C2)
     with pytest.raises(ValueError, match=r"timesteps in \[0, inf\), got values in \[-1"):
         small(_x(), np.array([-1, 5]), C2)
@@ -723,8 +792,9 @@ def test_bad_timesteps(small):
         small(_x(), np.array([float("nan"), 1.0]), C2)
     limited = UNet2DModel(**{**SMALL, "num_train_timesteps": 1000}, dtype="float32", xp=np)
     limited(_x(), np.array([0, 999]), C2)
-    with pytest.raises(ValueError,
-                       match=r"timesteps in \[0, 1000\), got values in \[5.0, 1000.0\]"):
+    with pytest.raises(
+        ValueError, match=r"timesteps in \[0, 1000\), got values in \[5.0, 1000.0\]"
+    ):
         limited(_x(), np.array([5, 1000]), C2)
     with pytest.raises(ValueError, match=r"timesteps in \[0, 1000\)"):
         limited(_x(), 1000, C2)
@@ -795,21 +865,34 @@ def test_config_with_unknown_key(tmp_path, caplog):
         UNet2DModel.from_pretrained(tmp_path / "nothing", xp=np)
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"act_fn": "relu"}, r"act_fn must be one of \('silu',\), got 'relu'"),
-    ({"time_embedding_type": "fourier"}, "time_embedding_type must be one of"),
-    ({"resnet_time_scale_shift": "scale_shift"}, "resnet_time_scale_shift must be one of"),
-    ({"class_embed_type": "timestep"}, "class_embed_type must be one of"),
-    ({"mid_block_type": "UNetMidBlock2DCrossAttn"}, "mid_block_type must be one of"),
-    ({"up_block_types": ["UpBlock2D"]},
-     "down_block_types and up_block_types must have one length, got 2 and 1"),
-    ({"block_out_channels": [8, 16, 32]},
-     "block_out_channels and down_block_types must have one length, got 3 and 2"),
-    ({"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"]}, "got 'CrossAttnDownBlock2D'"),
-    ({"attention_head_dim": 5}, "attention_head_dim must divide the channel count"),
-    ({"norm_num_groups": 3}, r"expected norm_num_groups to divide every channel count \[8, 16\]"),
-    ({"downsample_padding": 2}, "only padding 0 or 1 is supported"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"act_fn": "relu"}, r"act_fn must be one of \('silu',\), got 'relu'"),
+        ({"time_embedding_type": "fourier"}, "time_embedding_type must be one of"),
+        ({"resnet_time_scale_shift": "scale_shift"}, "resnet_time_scale_shift must be one of"),
+        ({"class_embed_type": "timestep"}, "class_embed_type must be one of"),
+        ({"mid_block_type": "UNetMidBlock2DCrossAttn"}, "mid_block_type must be one of"),
+        (
+            {"up_block_types": ["UpBlock2D"]},
+            "down_block_types and up_block_types must have one length, got 2 and 1",
+        ),
+        (
+            {"block_out_channels": [8, 16, 32]},
+            "block_out_channels and down_block_types must have one length, got 3 and 2",
+        ),
+        (
+            {"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"]},
+            "got 'CrossAttnDownBlock2D'",
+        ),
+        ({"attention_head_dim": 5}, "attention_head_dim must divide the channel count"),
+        (
+            {"norm_num_groups": 3},
+            r"expected norm_num_groups to divide every channel count \[8, 16\]",
+        ),
+        ({"downsample_padding": 2}, "only padding 0 or 1 is supported"),
+    ],
+)
 def test_unsupported_constructor_values(change, match):
     with pytest.raises(ValueError, match=match):
         UNet2DModel(**{**SMALL, **change}, dtype="float32", xp=np)

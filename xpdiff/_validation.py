@@ -45,8 +45,7 @@ def _fail(where: str, name: str, what: str, value: Any, kind: type = ArgumentErr
     raise kind(f"{where}: expected {name} to be {what}, got {value!r}")
 
 
-def _range_text(noun: str, lo: Any, hi: Any, lo_open: bool = False,
-                hi_open: bool = False) -> str:
+def _range_text(noun: str, lo: Any, hi: Any, lo_open: bool = False, hi_open: bool = False) -> str:
     parts = []
     if lo is not None:
         parts.append(f"{'>' if lo_open else '>='} {lo}")
@@ -55,8 +54,15 @@ def _range_text(noun: str, lo: Any, hi: Any, lo_open: bool = False,
     return f"{noun} {' and '.join(parts)}" if parts else noun
 
 
-def check_int(where: str, name: str, value: Any, *, min: int | None = None,
-              max: int | None = None, none: bool = False) -> int | None:
+def check_int(
+    where: str,
+    name: str,
+    value: Any,
+    *,
+    min: int | None = None,
+    max: int | None = None,
+    none: bool = False,
+) -> int | None:
     """``value`` as a Python int in [min, max] (``None`` passes when ``none``).
 
     Integer-like objects (NumPy integer scalars) are accepted; bool, float (even 3.0),
@@ -76,9 +82,18 @@ def check_int(where: str, name: str, value: Any, *, min: int | None = None,
     return v
 
 
-def check_float(where: str, name: str, value: Any, *, min: float | None = None,
-                max: float | None = None, min_open: bool = False, max_open: bool = False,
-                finite: bool = True, none: bool = False) -> float | None:
+def check_float(
+    where: str,
+    name: str,
+    value: Any,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    min_open: bool = False,
+    max_open: bool = False,
+    finite: bool = True,
+    none: bool = False,
+) -> float | None:
     """``value`` as a Python float in [min, max] (an end is excluded when ``min_open`` or
     ``max_open``).
 
@@ -135,12 +150,18 @@ def check_dtype(where: str, value: Any, xp: Any = None, *, name: str = "dtype") 
                 return n
         except Exception:  # an array or an object that cannot compare with a dtype
             continue
-    _fail(where, name, "one of 'float32', 'float64' or the namespace's float32 or float64",
-          value, ArgumentTypeError)
+    _fail(
+        where,
+        name,
+        "one of 'float32', 'float64' or the namespace's float32 or float64",
+        value,
+        ArgumentTypeError,
+    )
 
 
-def check_int_list(where: str, name: str, value: Any, *, min: int | None = None,
-                   length: int | None = None) -> list[int]:
+def check_int_list(
+    where: str, name: str, value: Any, *, min: int | None = None, length: int | None = None
+) -> list[int]:
     """``value`` (a list or tuple of integers, each >= ``min``) as a list of ints."""
     what = f"a list of {_range_text('integers', min, None)}"
     if length is not None:

@@ -245,13 +245,21 @@ def dtype_name(dtype: Any) -> str:
 
 #: safetensors dtype codes readable by ``host_from_tensor_bytes`` -> NumPy dtype (little endian)
 _SAFETENSORS_DTYPES = {
-    "F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
-    "I8": "i1", "U8": "u1", "BOOL": "?",
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U8": "u1",
+    "BOOL": "?",
 }
 
 
-def host_from_tensor_bytes(buf: bytes | memoryview, code: str,
-                           shape: tuple[int, ...]) -> np.ndarray:
+def host_from_tensor_bytes(
+    buf: bytes | memoryview, code: str, shape: tuple[int, ...]
+) -> np.ndarray:
     """A host (NumPy) array of ``shape`` from the raw little-endian bytes of one
     safetensors tensor of dtype ``code`` (``"F32"``, ``"F16"``, ``"BF16"``, ...).
 
@@ -270,20 +278,24 @@ def host_from_tensor_bytes(buf: bytes | memoryview, code: str,
         bits = np.frombuffer(buf, dtype="<u2").astype(np.uint32) << 16
         return bits.view(np.float32).reshape(shape)
     if code not in _SAFETENSORS_DTYPES:
-        raise ValueError(f"unsupported safetensors dtype {code!r}; expected one of "
-                         f"{sorted(_SAFETENSORS_DTYPES) + ['BF16']}")
+        raise ValueError(
+            f"unsupported safetensors dtype {code!r}; expected one of "
+            f"{sorted(_SAFETENSORS_DTYPES) + ['BF16']}"
+        )
     dtype = np.dtype(_SAFETENSORS_DTYPES[code])
     if len(buf) != dtype.itemsize * count:
-        raise ValueError(f"expected {dtype.itemsize * count} bytes for {code} {shape}, "
-                         f"got {len(buf)}")
+        raise ValueError(
+            f"expected {dtype.itemsize * count} bytes for {code} {shape}, got {len(buf)}"
+        )
     return np.frombuffer(buf, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 # ---------------------------------------------------------------------------
 # sliding windows (im2col support)
 # ---------------------------------------------------------------------------
-def sliding_windows(x: Any, kh: int, kw: int, stride: int = 1, *,
-                    channels_last: bool = False) -> Any:
+def sliding_windows(
+    x: Any, kh: int, kw: int, stride: int = 1, *, channels_last: bool = False
+) -> Any:
     """Windows of a 4-D image array as a 6-D array, without a copy where the library allows.
 
     (B, C, H, W) gives (B, C, Ho, Wo, kh, kw); with ``channels_last=True``,
@@ -309,6 +321,7 @@ def sliding_windows(x: Any, kh: int, kw: int, stride: int = 1, *,
 
         def strides(s: tuple) -> tuple:
             return (s[0], s[1], s[2] * stride, s[3] * stride, s[2], s[3])
+
     if array_api_compat.is_numpy_array(x):
         return np.lib.stride_tricks.as_strided(x, shape, strides(x.strides), writeable=False)
     if array_api_compat.is_cupy_array(x):
@@ -369,8 +382,8 @@ def tile_samples(bytes_per_sample: int, batch: int, xp: Any) -> int:
 
 
 _pool: Any = None
-_blas: Any = None       # threadpoolctl's controller of NumPy's BLAS; False when unavailable
-_blas_threads: int | None = None    # NumPy's BLAS thread count before xpdiff held it to one
+_blas: Any = None  # threadpoolctl's controller of NumPy's BLAS; False when unavailable
+_blas_threads: int | None = None  # NumPy's BLAS thread count before xpdiff held it to one
 
 
 def _blas_controller() -> Any:

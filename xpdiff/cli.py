@@ -29,9 +29,15 @@ def _train(args: argparse.Namespace) -> int:
     else:
         cfg = TrainConfig()
     overrides = {
-        "data": args.data, "size": args.size, "epochs": args.epochs, "max_steps": args.steps,
-        "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-        "backend": args.backend, "checkpoint_every": args.checkpoint_every,
+        "data": args.data,
+        "size": args.size,
+        "epochs": args.epochs,
+        "max_steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "backend": args.backend,
+        "checkpoint_every": args.checkpoint_every,
         "guidance_scale": args.guidance,
     }
     for key, value in overrides.items():
@@ -45,30 +51,47 @@ def _train(args: argparse.Namespace) -> int:
         if args.resume and trainer.resume():
             print(f"resumed from step {trainer.step} of {trainer.total_steps}")
         elif not args.resume and any(run.glob("checkpoint-*")):
-            print(f"error: {run} already holds checkpoints; pass --resume to continue, or "
-                  f"choose another --out", file=sys.stderr)
+            print(
+                f"error: {run} already holds checkpoints; pass --resume to continue, or "
+                f"choose another --out",
+                file=sys.stderr,
+            )
             return 2
-        print(f"training a {trainer.model.num_parameters():,}-parameter UNet on "
-              f"{trainer.y_train.shape[0]} digits at {cfg.size}x{cfg.size} for "
-              f"{trainer.total_steps} steps ({cfg.backend}, {cfg.dtype}); run directory {run}")
+        print(
+            f"training a {trainer.model.num_parameters():,}-parameter UNet on "
+            f"{trainer.y_train.shape[0]} digits at {cfg.size}x{cfg.size} for "
+            f"{trainer.total_steps} steps ({cfg.backend}, {cfg.dtype}); run directory {run}"
+        )
         summary = trainer.train()
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:
         trainer.unlock()
-    print(f"done: {summary['steps']} steps in {summary['seconds']:.0f} s, "
-          f"last loss {summary['final_loss']:.4f}")
+    print(
+        f"done: {summary['steps']} steps in {summary['seconds']:.0f} s, "
+        f"last loss {summary['final_loss']:.4f}"
+    )
     if not args.no_samples:
         out = run / "samples.png"
-        _write_samples(run, out, None, args.sample_steps or cfg.sample_steps, "ddim",
-                       None, 0, 10, cfg.backend)
+        _write_samples(
+            run, out, None, args.sample_steps or cfg.sample_steps, "ddim", None, 0, 10, cfg.backend
+        )
         print(f"wrote {out}")
     return 0
 
 
-def _write_samples(ckpt: Path, out: Path, gif: Path | None, steps: int, scheduler_name: str,
-                   guidance: float | None, seed: int, per_digit: int, backend_name: str) -> None:
+def _write_samples(
+    ckpt: Path,
+    out: Path,
+    gif: Path | None,
+    steps: int,
+    scheduler_name: str,
+    guidance: float | None,
+    seed: int,
+    per_digit: int,
+    backend_name: str,
+) -> None:
     from .images import save_gif, save_grid
     from .pipelines import generate
     from .training import load_for_sampling
@@ -78,10 +101,20 @@ def _write_samples(ckpt: Path, out: Path, gif: Path | None, steps: int, schedule
     sched = cfg.sampling_scheduler(scheduler_name)
     labels = [d for d in range(10) for _ in range(per_digit)]
     t0 = time.perf_counter()
-    res = generate(model, sched, labels, num_inference_steps=steps, guidance_scale=guidance,
-                   null_class=cfg.null_class, seed=seed, return_trajectory=gif is not None)
-    print(f"sampled {len(labels)} digits with {scheduler_name.upper()} {steps} steps, "
-          f"guidance {guidance} in {time.perf_counter() - t0:.1f} s")
+    res = generate(
+        model,
+        sched,
+        labels,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        null_class=cfg.null_class,
+        seed=seed,
+        return_trajectory=gif is not None,
+    )
+    print(
+        f"sampled {len(labels)} digits with {scheduler_name.upper()} {steps} steps, "
+        f"guidance {guidance} in {time.perf_counter() - t0:.1f} s"
+    )
     save_grid(res.images, out, nrow=per_digit)
     if gif is not None:
         stride = max(1, len(res.trajectory) // 40)
@@ -92,9 +125,17 @@ def _write_samples(ckpt: Path, out: Path, gif: Path | None, steps: int, schedule
 
 def _sample(args: argparse.Namespace) -> int:
     steps = args.steps if args.steps is not None else _DEFAULT_STEPS[args.scheduler]
-    _write_samples(Path(args.checkpoint), Path(args.out), Path(args.gif) if args.gif else None,
-                   steps, args.scheduler, args.guidance, args.seed, args.per_digit,
-                   args.backend)
+    _write_samples(
+        Path(args.checkpoint),
+        Path(args.out),
+        Path(args.gif) if args.gif else None,
+        steps,
+        args.scheduler,
+        args.guidance,
+        args.seed,
+        args.per_digit,
+        args.backend,
+    )
     print(f"wrote {args.out}")
     return 0
 
@@ -112,13 +153,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     steps = args.steps if args.steps is not None else _DEFAULT_STEPS[args.scheduler]
     labels = [d for d in range(10) for _ in range(args.per_digit)]
     t0 = time.perf_counter()
-    res = generate(model, sched, labels, num_inference_steps=steps,
-                   guidance_scale=guidance, null_class=cfg.null_class, seed=args.seed)
+    res = generate(
+        model,
+        sched,
+        labels,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        null_class=cfg.null_class,
+        seed=args.seed,
+    )
     took = time.perf_counter() - t0
     held = data.prepare(cfg.data, cfg.size, cfg.test_fraction, seed=0)
     report = evaluate_samples(clf, res.images, labels, held.x_test, held.y_test)
-    print(f"{len(labels)} samples, {args.scheduler.upper()} {steps} steps, guidance {guidance}, "
-          f"seed {args.seed} ({took:.1f} s)")
+    print(
+        f"{len(labels)} samples, {args.scheduler.upper()} {steps} steps, guidance {guidance}, "
+        f"seed {args.seed} ({took:.1f} s)"
+    )
     print(report.format())
     if args.json:
         from . import io
@@ -136,8 +186,10 @@ def _noise_figure(args: argparse.Namespace) -> int:
     prep = data.prepare(args.data, args.size, 0.1, seed=0)
     found = [i for i in range(prep.y_train.shape[0]) if int(prep.y_train[i]) == args.digit]
     if not found:
-        raise ValueError(f"xpdiff noise-figure: no image of digit {args.digit} in the data "
-                         f"{args.data or '(embedded MNIST 5k)'}")
+        raise ValueError(
+            f"xpdiff noise-figure: no image of digit {args.digit} in the data "
+            f"{args.data or '(embedded MNIST 5k)'}"
+        )
     idx = found[0]
     x0 = prep.x_train[idx : idx + 1]
     sched = DDPMScheduler(beta_schedule=args.beta_schedule)
@@ -154,8 +206,10 @@ def _export(args: argparse.Namespace) -> int:
     from .pipelines import export_run
 
     out = export_run(args.run, args.out)
-    print(f"wrote {out}: a diffusers pipeline (DiffusionPipeline.from_pretrained) with the EMA "
-          f"weights and the run's DDIM sampler; see {out / 'README.md'}")
+    print(
+        f"wrote {out}: a diffusers pipeline (DiffusionPipeline.from_pretrained) with the EMA "
+        f"weights and the run's DDIM sampler; see {out / 'README.md'}"
+    )
     return 0
 
 
@@ -164,7 +218,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (
-                action.help or ""):
+            action.help or ""
+        ):
             return action.help or ""
         return super()._get_help_string(action)
 
@@ -180,10 +235,15 @@ _DEFAULT_STEPS = {"ddim": 50, "ddpm": 50, "dpm": 20}
 
 #: Range of each numeric flag: dest -> (kind, min, max).  Checked once after parsing.
 _RANGES = {
-    "epochs": ("int", 1, None), "steps": ("int", 1, None), "batch_size": ("int", 1, None),
-    "lr": ("float>0", None, None), "seed": ("int", 0, None),
-    "checkpoint_every": ("int", 1, None), "guidance": ("float", 0.0, None),
-    "sample_steps": ("int", 1, None), "per_digit": ("int", 1, None),
+    "epochs": ("int", 1, None),
+    "steps": ("int", 1, None),
+    "batch_size": ("int", 1, None),
+    "lr": ("float>0", None, None),
+    "seed": ("int", 0, None),
+    "checkpoint_every": ("int", 1, None),
+    "guidance": ("float", 0.0, None),
+    "sample_steps": ("int", 1, None),
+    "per_digit": ("int", 1, None),
     "digit": ("int", 0, 9),
 }
 
@@ -199,103 +259,169 @@ def _check_flags(args: argparse.Namespace) -> None:
         if kind == "int":
             check_int(where, flag, value, min=lo, max=hi)
         else:
-            check_float(where, flag, value, min=0.0 if lo is None else lo,
-                        min_open=kind == "float>0")
+            check_float(
+                where, flag, value, min=0.0 if lo is None else lo, min_open=kind == "float>0"
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = _HelpFormatter
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show the full traceback of an error (also: XPDIFF_DEBUG=1)")
-    p = argparse.ArgumentParser(prog="xpdiff", description=__doc__, formatter_class=fmt,
-                                parents=[common])
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the full traceback of an error (also: XPDIFF_DEBUG=1)",
+    )
+    p = argparse.ArgumentParser(
+        prog="xpdiff", description=__doc__, formatter_class=fmt, parents=[common]
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     backends = ("numpy", "cupy")
 
-    t = sub.add_parser("train", help="train a class-conditional UNet on digits",
-                       formatter_class=fmt, parents=[common])
-    t.add_argument("--config", help="TrainConfig JSON file; flags override it (default: the "
-                   "TrainConfig defaults)")
+    t = sub.add_parser(
+        "train",
+        help="train a class-conditional UNet on digits",
+        formatter_class=fmt,
+        parents=[common],
+    )
+    t.add_argument(
+        "--config",
+        help="TrainConfig JSON file; flags override it (default: the TrainConfig defaults)",
+    )
     t.add_argument("--out", default="runs/mnist14", help="run directory")
     t.add_argument("--data", help="folder of IDX files (default: the embedded 5,000 MNIST)")
-    t.add_argument("--size", type=int, choices=(14, 28),
-                   help="image side " + _from_config("size"))
+    t.add_argument("--size", type=int, choices=(14, 28), help="image side " + _from_config("size"))
     t.add_argument("--epochs", type=int, help="passes over the data " + _from_config("epochs"))
-    t.add_argument("--steps", type=int,
-                   help="total optimisation steps, >= 1; overrides --epochs (default: the "
-                        "--config file's max_steps, else from --epochs)")
+    t.add_argument(
+        "--steps",
+        type=int,
+        help="total optimisation steps, >= 1; overrides --epochs (default: the "
+        "--config file's max_steps, else from --epochs)",
+    )
     t.add_argument("--batch-size", type=int, help="images per step " + _from_config("batch_size"))
     t.add_argument("--lr", type=float, help="peak learning rate, > 0 " + _from_config("lr"))
-    t.add_argument("--seed", type=int, help="seed of weights, data order and noise, >= 0 "
-                   + _from_config("seed"))
-    t.add_argument("--backend", choices=backends, help="array library "
-                   + _from_config("backend"))
-    t.add_argument("--checkpoint-every", type=int, help="steps between checkpoints "
-                   + _from_config("checkpoint_every"))
-    t.add_argument("--guidance", type=float, help="guidance scale of the final sample grid, "
-                   ">= 0 " + _from_config("guidance_scale"))
-    t.add_argument("--sample-steps", type=int, help="DDIM steps of the final sample grid "
-                   + _from_config("sample_steps"))
+    t.add_argument(
+        "--seed",
+        type=int,
+        help="seed of weights, data order and noise, >= 0 " + _from_config("seed"),
+    )
+    t.add_argument("--backend", choices=backends, help="array library " + _from_config("backend"))
+    t.add_argument(
+        "--checkpoint-every",
+        type=int,
+        help="steps between checkpoints " + _from_config("checkpoint_every"),
+    )
+    t.add_argument(
+        "--guidance",
+        type=float,
+        help="guidance scale of the final sample grid, >= 0 " + _from_config("guidance_scale"),
+    )
+    t.add_argument(
+        "--sample-steps",
+        type=int,
+        help="DDIM steps of the final sample grid " + _from_config("sample_steps"),
+    )
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     t.add_argument("--no-samples", action="store_true", help="skip the final sample grid")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
 
-    s = sub.add_parser("sample", help="draw a grid of digits 0-9 (and a GIF)",
-                       formatter_class=fmt, parents=[common])
+    s = sub.add_parser(
+        "sample",
+        help="draw a grid of digits 0-9 (and a GIF)",
+        formatter_class=fmt,
+        parents=[common],
+    )
     s.add_argument("checkpoint", help="run directory or checkpoint directory")
     s.add_argument("--out", default="samples.png", help="PNG file to write")
     s.add_argument("--gif", help="also write the denoising process as a GIF (default: no GIF)")
-    s.add_argument("--scheduler", choices=tuple(_DEFAULT_STEPS), default="ddim",
-                   help="sampler: DDIM, DDPM or DPM-Solver++(2M)")
-    s.add_argument("--steps", type=int,
-                   help="sampling steps (default: 50 for ddim and ddpm, 20 for dpm)")
-    s.add_argument("--guidance", type=float,
-                   help="guidance scale, >= 0 (default: the run's guidance_scale)")
+    s.add_argument(
+        "--scheduler",
+        choices=tuple(_DEFAULT_STEPS),
+        default="ddim",
+        help="sampler: DDIM, DDPM or DPM-Solver++(2M)",
+    )
+    s.add_argument(
+        "--steps", type=int, help="sampling steps (default: 50 for ddim and ddpm, 20 for dpm)"
+    )
+    s.add_argument(
+        "--guidance", type=float, help="guidance scale, >= 0 (default: the run's guidance_scale)"
+    )
     s.add_argument("--seed", type=int, default=0, help="seed of the noise, >= 0")
     s.add_argument("--per-digit", type=int, default=10, help="images of each digit")
     s.add_argument("--backend", choices=backends, default="numpy", help="array library")
     s.set_defaults(func=_sample)
 
-    e = sub.add_parser("evaluate", help="classify generated digits; accuracy and Frechet distance",
-                       formatter_class=fmt, parents=[common])
+    e = sub.add_parser(
+        "evaluate",
+        help="classify generated digits; accuracy and Frechet distance",
+        formatter_class=fmt,
+        parents=[common],
+    )
     e.add_argument("checkpoint", help="run directory or checkpoint directory")
     e.add_argument("--per-digit", type=int, default=100, help="images of each digit")
-    e.add_argument("--scheduler", choices=tuple(_DEFAULT_STEPS), default="ddim",
-                   help="sampler: DDIM, DDPM or DPM-Solver++(2M)")
-    e.add_argument("--steps", type=int,
-                   help="sampling steps (default: 50 for ddim and ddpm, 20 for dpm)")
-    e.add_argument("--guidance", type=float,
-                   help="guidance scale, >= 0 (default: the run's guidance_scale)")
+    e.add_argument(
+        "--scheduler",
+        choices=tuple(_DEFAULT_STEPS),
+        default="ddim",
+        help="sampler: DDIM, DDPM or DPM-Solver++(2M)",
+    )
+    e.add_argument(
+        "--steps", type=int, help="sampling steps (default: 50 for ddim and ddpm, 20 for dpm)"
+    )
+    e.add_argument(
+        "--guidance", type=float, help="guidance scale, >= 0 (default: the run's guidance_scale)"
+    )
     e.add_argument("--seed", type=int, default=0, help="seed of the noise, >= 0")
     e.add_argument("--backend", choices=backends, default="numpy", help="array library")
     e.add_argument("--json", help="also write the report to this JSON file (default: none)")
     e.set_defaults(func=_evaluate)
 
-    x = sub.add_parser("export", help="write a run as a folder diffusers loads",
-                       formatter_class=fmt, parents=[common])
+    x = sub.add_parser(
+        "export",
+        help="write a run as a folder diffusers loads",
+        formatter_class=fmt,
+        parents=[common],
+    )
     x.add_argument("run", help="run directory (its latest checkpoint) or checkpoint directory")
-    x.add_argument("out", help="folder to write: model_index.json, unet/ (EMA weights), "
-                   "scheduler/ (the run's DDIM sampler) and README.md")
+    x.add_argument(
+        "out",
+        help="folder to write: model_index.json, unet/ (EMA weights), "
+        "scheduler/ (the run's DDIM sampler) and README.md",
+    )
     x.set_defaults(func=_export)
 
-    n = sub.add_parser("noise-figure", help="one digit at increasing noise levels (PNG)",
-                       formatter_class=fmt, parents=[common])
+    n = sub.add_parser(
+        "noise-figure",
+        help="one digit at increasing noise levels (PNG)",
+        formatter_class=fmt,
+        parents=[common],
+    )
     n.add_argument("--out", default="noising.png", help="PNG file to write")
     n.add_argument("--digit", type=int, default=5, help="the digit to show, 0-9")
     n.add_argument("--size", type=int, choices=(14, 28), default=28, help="image side")
     n.add_argument("--data", help="folder of IDX files (default: the embedded 5,000 MNIST)")
-    n.add_argument("--beta-schedule", choices=("linear", "scaled_linear", "squaredcos_cap_v2"),
-                   default="linear", help="noise schedule")
+    n.add_argument(
+        "--beta-schedule",
+        choices=("linear", "scaled_linear", "squaredcos_cap_v2"),
+        default="linear",
+        help="noise schedule",
+    )
     n.add_argument("--seed", type=int, default=0, help="seed of the noise, >= 0")
     n.set_defaults(func=_noise_figure)
     return p
 
 
-def _show_warning(message: Warning | str, category: type, filename: str, lineno: int,
-                  file: object = None, line: str | None = None) -> None:
+def _show_warning(
+    message: Warning | str,
+    category: type,
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: str | None = None,
+) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 

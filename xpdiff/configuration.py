@@ -63,8 +63,9 @@ class FrozenConfig(dict):
         super().__init__({k: _plain(v) for k, v in data.items()})
 
     def _refuse(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError("config is read-only; build a new object with "
-                        "from_config(obj.config, key=value)")
+        raise TypeError(
+            "config is read-only; build a new object with from_config(obj.config, key=value)"
+        )
 
     __setitem__ = __delitem__ = __ior__ = _refuse
     clear = pop = popitem = setdefault = update = _refuse
@@ -115,9 +116,11 @@ def register_to_config(init: Callable) -> Callable:
         bound.apply_defaults()
         exclude = set(type(self)._config_exclude)
         values = {
-            k: v for k, v in list(bound.arguments.items())[1:]
-            if k not in exclude and sig.parameters[k].kind not in (
-                inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+            k: v
+            for k, v in list(bound.arguments.items())[1:]
+            if k not in exclude
+            and sig.parameters[k].kind
+            not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
         }
         object.__setattr__(self, "_config", FrozenConfig(values))
         init(self, *args, **kwargs)
@@ -151,15 +154,16 @@ class ConfigMixin:
         """Names of the configuration arguments, in signature order."""
         params = inspect.signature(cls.__init__).parameters
         return [
-            k for k, p in params.items()
-            if k != "self" and k not in cls._config_exclude
+            k
+            for k, p in params.items()
+            if k != "self"
+            and k not in cls._config_exclude
             and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
         ]
 
     # -- building -------------------------------------------------------------
     @classmethod
-    def from_config(cls: type[_C], config: Mapping[str, Any] | None = None,
-                    **kwargs: Any) -> _C:
+    def from_config(cls: type[_C], config: Mapping[str, Any] | None = None, **kwargs: Any) -> _C:
         """A new object from ``config`` (a ``FrozenConfig``, or a dict such as a loaded
         ``config.json``, ours or diffusers'), with ``kwargs`` overriding it.
 
@@ -180,14 +184,17 @@ class ConfigMixin:
         if config is None:
             config = {}
         if not isinstance(config, Mapping):
-            raise TypeError(f"{where}: expected a config mapping (a dict or obj.config), "
-                            f"got {type(config).__name__}")
+            raise TypeError(
+                f"{where}: expected a config mapping (a dict or obj.config), "
+                f"got {type(config).__name__}"
+            )
         keys = set(cls.config_keys())
         params = set(inspect.signature(cls.__init__).parameters) - {"self"}
         bad = sorted(k for k in kwargs if k not in params)
         if bad:
-            raise TypeError(f"{where}: unexpected keyword arguments {bad}; expected among "
-                            f"{sorted(params)}")
+            raise TypeError(
+                f"{where}: unexpected keyword arguments {bad}; expected among {sorted(params)}"
+            )
         init: dict[str, Any] = {}
         ignored = []
         for key, value in config.items():
@@ -200,15 +207,21 @@ class ConfigMixin:
             elif key in cls._accepted_off:
                 off = cls._accepted_off[key]
                 if off is not ANY_VALUE and value != off:
-                    raise ValueError(f"{where}: {key}={value!r} is not supported "
-                                     f"(only {key}={off!r})")
+                    raise ValueError(
+                        f"{where}: {key}={value!r} is not supported (only {key}={off!r})"
+                    )
             else:
                 ignored.append(key)
         if ignored:
             saved_by = config.get("_class_name")
             note = f" (saved by {saved_by})" if saved_by not in (None, cls.__name__) else ""
-            logger.warning("%s: ignoring config keys %s%s: not arguments of %s",
-                           where, sorted(ignored), note, cls.__name__)
+            logger.warning(
+                "%s: ignoring config keys %s%s: not arguments of %s",
+                where,
+                sorted(ignored),
+                note,
+                cls.__name__,
+            )
         return cls(**init, **kwargs)
 
     # -- files ----------------------------------------------------------------
@@ -216,8 +229,11 @@ class ConfigMixin:
         """The config with ``_class_name`` and ``_xpdiff_version``, as written to disk."""
         from . import __version__
 
-        return {"_class_name": type(self).__name__, "_xpdiff_version": __version__,
-                **self._config.to_dict()}
+        return {
+            "_class_name": type(self).__name__,
+            "_xpdiff_version": __version__,
+            **self._config.to_dict(),
+        }
 
     def save_config(self, save_directory: str | os.PathLike) -> str:
         """Write ``config_name`` into ``save_directory`` (created if needed), atomically.
@@ -230,8 +246,10 @@ class ConfigMixin:
         """
         directory = Path(save_directory)
         if directory.is_file():
-            raise ValueError(f"{type(self).__name__}.save_config: expected a directory, "
-                             f"got the file {str(directory)!r}")
+            raise ValueError(
+                f"{type(self).__name__}.save_config: expected a directory, "
+                f"got the file {str(directory)!r}"
+            )
         target = directory / self.config_name
         io.save_json(self.to_json_dict(), target)
         return str(target)
@@ -251,17 +269,21 @@ class ConfigMixin:
         where = Path(path) / subfolder if subfolder else Path(path)
         file = where if where.is_file() else where / cls.config_name
         if not file.is_file():
-            raise FileNotFoundError(f"{cls.__name__}.from_pretrained: no {cls.config_name} "
-                                    f"at {str(where)!r}")
+            raise FileNotFoundError(
+                f"{cls.__name__}.from_pretrained: no {cls.config_name} at {str(where)!r}"
+            )
         config = io.load_json(file)
         if not isinstance(config, dict):
-            raise ValueError(f"{cls.__name__}.from_pretrained: expected a JSON object in "
-                             f"{file}, got {type(config).__name__}")
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained: expected a JSON object in "
+                f"{file}, got {type(config).__name__}"
+            )
         return config
 
     @classmethod
-    def from_pretrained(cls: type[_C], path: str | os.PathLike, subfolder: str | None = None,
-                        **kwargs: Any) -> _C:
+    def from_pretrained(
+        cls: type[_C], path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
+    ) -> _C:
         """Load from a directory written by ``save_pretrained`` here or by diffusers;
         ``subfolder`` (e.g. ``"scheduler"`` of a pipeline) is joined to it first, and
         ``kwargs`` override the saved config."""

@@ -272,8 +272,9 @@ def train_test_split(
     Returns:
         (train_images, train_labels, test_images, test_labels), host arrays.
     """
-    test_fraction = check_float("train_test_split", "test_fraction", test_fraction, min=0.0,
-                                max=1.0, max_open=True)
+    test_fraction = check_float(
+        "train_test_split", "test_fraction", test_fraction, min=0.0, max=1.0, max_open=True
+    )
     seed = check_int("train_test_split", "seed", seed, min=0)
     hx = _hx()
     images, labels = backend.to_numpy(images), backend.to_numpy(labels)

@@ -89,14 +89,22 @@ class DigitClassifier(Module):
             (the global ``nn.init`` generator is left as it was).
     """
 
-    def __init__(self, size: int = 28, *, channels: tuple[int, int, int] | None = None,
-                 seed: int | None = None, dtype: str = "float32", xp: Any = None):
+    def __init__(
+        self,
+        size: int = 28,
+        *,
+        channels: tuple[int, int, int] | None = None,
+        seed: int | None = None,
+        dtype: str = "float32",
+        xp: Any = None,
+    ):
         super().__init__()
         self.size = check_int("DigitClassifier", "size", size, min=4)
         if channels is None:
             channels = CHANNELS.get(self.size, DEFAULT_CHANNELS)
-        self.channels = tuple(check_int_list("DigitClassifier", "channels", channels, min=1,
-                                             length=3))
+        self.channels = tuple(
+            check_int_list("DigitClassifier", "channels", channels, min=1, length=3)
+        )
         check_int("DigitClassifier", "seed", seed, min=0, none=True)
         c1, c2, c3 = self.channels
         side = (((self.size + 1) // 2) + 1) // 2  # after two stride-2 convs with padding 1
@@ -131,8 +139,10 @@ class DigitClassifier(Module):
         if len(shape) != 4 or shape[1] != 1 or shape[2:] != (s, s):
             hint = ""
             if len(shape) == 4 and shape[1] == 1 and shape[2] == shape[3] and shape[2] != s:
-                hint = (f" (these are {shape[2]}x{shape[3]} images: use a classifier of "
-                        f"size {shape[2]})")
+                hint = (
+                    f" (these are {shape[2]}x{shape[3]} images: use a classifier of "
+                    f"size {shape[2]})"
+                )
             raise ValueError(
                 f"{self._where()}: expected {what} of shape (B, 1, {s}, {s}), got {shape}{hint}"
             )
@@ -309,8 +319,10 @@ def train_classifier(
     x_host = hx.astype(x_host, hx.float32)
     y_host = hx.astype(y_host, hx.int64)
     if int(hx.min(y_host)) < 0 or int(hx.max(y_host)) >= NUM_CLASSES:
-        raise ValueError(f"{where}: expected labels in 0..9, got values in "
-                         f"[{int(hx.min(y_host))}, {int(hx.max(y_host))}]")
+        raise ValueError(
+            f"{where}: expected labels in 0..9, got values in "
+            f"[{int(hx.min(y_host))}, {int(hx.max(y_host))}]"
+        )
     xp = backend.default_namespace() if xp is None else xp
     size = int(x_host.shape[2])
     if epochs is None:
@@ -346,7 +358,8 @@ def train_classifier(
             print(
                 f"{where}: size {size} epoch {epoch + 1}/{epochs} loss {loss_sum / n:.4f} "
                 f"train acc {correct / n:.4f} ({time.perf_counter() - t0:.1f}s)",
-                file=sys.stderr, flush=True,
+                file=sys.stderr,
+                flush=True,
             )
     model.eval()
     return model
@@ -417,19 +430,30 @@ def load_or_train_classifier(
                 model.info = info
                 return model
         except Exception as err:  # unreadable or mismatched files: train afresh
-            print(f"load_or_train_classifier: ignoring unreadable cache {stem} ({err})",
-                  file=sys.stderr)
+            print(
+                f"load_or_train_classifier: ignoring unreadable cache {stem} ({err})",
+                file=sys.stderr,
+            )
 
     t0 = time.perf_counter()
-    model = train_classifier(prep.x_train, prep.y_train, seed=seed, xp=xp, progress=progress,
-                             **train_kwargs)
+    model = train_classifier(
+        prep.x_train, prep.y_train, seed=seed, xp=xp, progress=progress, **train_kwargs
+    )
     seconds = time.perf_counter() - t0
     acc = model.accuracy(prep.x_test, prep.y_test)
-    info = dict(record, channels=list(model.channels), heldout_accuracy=acc,
-                n_train=int(prep.y_train.shape[0]), n_heldout=int(prep.y_test.shape[0]),
-                train_seconds=round(seconds, 2))
-    xio.save_safetensors(dict(model.state_dict()), weights,
-                         metadata={"size": str(size), "heldout_accuracy": f"{acc:.6f}"})
+    info = dict(
+        record,
+        channels=list(model.channels),
+        heldout_accuracy=acc,
+        n_train=int(prep.y_train.shape[0]),
+        n_heldout=int(prep.y_test.shape[0]),
+        train_seconds=round(seconds, 2),
+    )
+    xio.save_safetensors(
+        dict(model.state_dict()),
+        weights,
+        metadata={"size": str(size), "heldout_accuracy": f"{acc:.6f}"},
+    )
     xio.save_json(info, meta)  # written last: a record means the weights are complete
     model.info = info
     return model
@@ -596,8 +620,9 @@ def evaluate_samples(
     fd = frechet_distance(gen_f, real_f)
     perm = backend.to_numpy(backend.Generator(seed, xp=hx).permutation(m))
     half = m // 2
-    floor = frechet_distance(hx.take(real_f, perm[:half], axis=0),
-                             hx.take(real_f, perm[half : 2 * half], axis=0))
+    floor = frechet_distance(
+        hx.take(real_f, perm[:half], axis=0), hx.take(real_f, perm[half : 2 * half], axis=0)
+    )
 
     if real_labels is not None:
         rl = hx.asarray(backend.to_numpy(real_labels))
@@ -608,7 +633,13 @@ def evaluate_samples(
         cls_acc = info.get("heldout_accuracy")
 
     return EvalReport(
-        image_size=classifier.size, n_samples=n, n_real=m, accuracy=acc,
-        per_digit_accuracy=per_acc, per_digit_count=per_cnt, frechet_distance=fd,
-        real_floor=floor, classifier_accuracy=cls_acc,
+        image_size=classifier.size,
+        n_samples=n,
+        n_real=m,
+        accuracy=acc,
+        per_digit_accuracy=per_acc,
+        per_digit_count=per_cnt,
+        frechet_distance=fd,
+        real_floor=floor,
+        classifier_accuracy=cls_acc,
     )

@@ -52,8 +52,14 @@ def save_grid(images: Any, path: str | os.PathLike, nrow: int = 10, scale: int =
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
-def save_gif(frames: Sequence[Any], path: str | os.PathLike, nrow: int = 10, scale: int = 4,
-             duration_ms: int = 60, hold_last_ms: int = 1500) -> None:
+def save_gif(
+    frames: Sequence[Any],
+    path: str | os.PathLike,
+    nrow: int = 10,
+    scale: int = 4,
+    duration_ms: int = 60,
+    hold_last_ms: int = 1500,
+) -> None:
     """Write an animated GIF; each frame is an (N, 1, H, W) batch shown as a grid."""
     from .io import atomic_write
 
@@ -63,6 +69,9 @@ def save_gif(frames: Sequence[Any], path: str | os.PathLike, nrow: int = 10, sca
     check_int("save_gif", "hold_last_ms", hold_last_ms, min=1)
     pics = [_pil(grid(f, nrow, scale=scale)) for f in frames]
     durations = [duration_ms] * (len(pics) - 1) + [hold_last_ms]
-    atomic_write(path, lambda tmp: pics[0].save(tmp, format="GIF", save_all=True,
-                                                append_images=pics[1:], duration=durations,
-                                                loop=0))
+    atomic_write(
+        path,
+        lambda tmp: pics[0].save(
+            tmp, format="GIF", save_all=True, append_images=pics[1:], duration=durations, loop=0
+        ),
+    )

@@ -137,7 +137,8 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, Any]:
             if not 0 <= start <= end <= len(body):
                 raise ValueError(f"tensor {name!r} lies outside the file")
             out[name] = backend.host_from_tensor_bytes(
-                body[start:end], info["dtype"], tuple(info["shape"]))
+                body[start:end], info["dtype"], tuple(info["shape"])
+            )
         return out
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
@@ -151,8 +152,9 @@ def weights_name(variant: str | None = None) -> str:
     return f"{stem}.{variant}.{ext}"
 
 
-def load_weights(directory: str | os.PathLike, variant: str | None = None, *,
-                 where: str = "load_weights") -> dict[str, Any]:
+def load_weights(
+    directory: str | os.PathLike, variant: str | None = None, *, where: str = "load_weights"
+) -> dict[str, Any]:
     """The weights in a diffusers model directory: ``weights_name(variant)``.
 
     Raises:
@@ -165,13 +167,17 @@ def load_weights(directory: str | os.PathLike, variant: str | None = None, *,
     if file.is_file():
         return load_safetensors(file)
     found = sorted(p.name for p in directory.glob("*.safetensors")) if directory.is_dir() else []
-    pickles = (sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".ckpt"))
-               if directory.is_dir() else [])
+    pickles = (
+        sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".ckpt"))
+        if directory.is_dir()
+        else []
+    )
     if pickles and not found:
         raise ValueError(
             f"{where}: {directory} holds only pickle weights ({', '.join(pickles)}), which "
             f"xpdiff never loads (unpickling can run arbitrary code); convert them to "
             f"safetensors first, e.g. load with diffusers and save_pretrained(..., "
-            f"safe_serialization=True)")
+            f"safe_serialization=True)"
+        )
     hint = f"; found {', '.join(found)} (pass variant=...)" if found else ""
     raise FileNotFoundError(f"{where}: no {file.name} in {directory}{hint}")

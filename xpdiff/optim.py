@@ -38,8 +38,9 @@ def clip_grad_norm(model: Module, max_norm: float | None) -> float:
 
     ``max_norm`` is a finite number > 0, or None for no clipping.
     """
-    max_norm = check_float("clip_grad_norm", "max_norm", max_norm, min=0.0, min_open=True,
-                           none=True)
+    max_norm = check_float(
+        "clip_grad_norm", "max_norm", max_norm, min=0.0, min_open=True, none=True
+    )
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return 0.0
@@ -72,16 +73,25 @@ class AdamW:
     Parameters without a gradient are left alone.
     """
 
-    def __init__(self, model: Module, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        model: Module,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
         where = "AdamW"
         self.model = model
         self.lr = check_float(where, "lr", lr, min=0.0)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ArgumentTypeError(f"{where}: expected betas to be a pair of numbers in "
-                                    f"[0, 1), got {betas!r}")
-        self.betas = tuple(check_float(where, f"betas[{i}]", b, min=0.0, max=1.0,
-                                       max_open=True) for i, b in enumerate(betas))
+            raise ArgumentTypeError(
+                f"{where}: expected betas to be a pair of numbers in [0, 1), got {betas!r}"
+            )
+        self.betas = tuple(
+            check_float(where, f"betas[{i}]", b, min=0.0, max=1.0, max_open=True)
+            for i, b in enumerate(betas)
+        )
         self.eps = check_float(where, "eps", eps, min=0.0, min_open=True)
         self.weight_decay = check_float(where, "weight_decay", weight_decay, min=0.0)
         self.t = 0
@@ -113,8 +123,14 @@ class AdamW:
         scalars (step count, hyper-parameters, the names of the parameters with moments)."""
         arrays = {f"m.{k}": a for k, a in self.m.items()}
         arrays.update({f"v.{k}": a for k, a in self.v.items()})
-        scalars = {"t": self.t, "lr": self.lr, "betas": list(self.betas), "eps": self.eps,
-                   "weight_decay": self.weight_decay, "params": sorted(self.m)}
+        scalars = {
+            "t": self.t,
+            "lr": self.lr,
+            "betas": list(self.betas),
+            "eps": self.eps,
+            "weight_decay": self.weight_decay,
+            "params": sorted(self.m),
+        }
         return arrays, scalars
 
     def load_state_dict(self, arrays: dict[str, Any], scalars: dict) -> None:
@@ -143,16 +159,17 @@ class AdamW:
             if tuple(a.shape) != p.shape:
                 problems.append(f"{key}: expected shape {p.shape}, got {tuple(a.shape)}")
                 continue
-            val = backend.asarray(backend.to_numpy(a), backend.get_namespace(p.data),
-                                  dtype=p.dtype)
+            val = backend.asarray(backend.to_numpy(a), backend.get_namespace(p.data), dtype=p.dtype)
             (m if kind == "m" else v)[name] = val
         listed = scalars.get("params")
         expected = set(listed) if isinstance(listed, list) else (set(params) if t else set())
         for kind, got in (("m", m), ("v", v)):
             missing = sorted(expected - set(got))
             if missing:
-                problems.append(f"missing {kind} moments ({len(missing)}): "
-                                f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}")
+                problems.append(
+                    f"missing {kind} moments ({len(missing)}): "
+                    f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}"
+                )
         if set(m) != set(v) and not problems:
             problems.append("m and v moments cover different parameters")
         if problems:
@@ -201,18 +218,26 @@ class EMA:
         unexpected = sorted(set(arrays) - set(self.shadow))
         problems = []
         if missing:
-            problems.append(f"missing entries ({len(missing)}): {', '.join(missing[:5])}"
-                            f"{', ...' if len(missing) > 5 else ''}")
+            problems.append(
+                f"missing entries ({len(missing)}): {', '.join(missing[:5])}"
+                f"{', ...' if len(missing) > 5 else ''}"
+            )
         if unexpected:
-            problems.append(f"unexpected entries ({len(unexpected)}): "
-                            f"{', '.join(unexpected[:5])}{', ...' if len(unexpected) > 5 else ''}")
-        problems += [f"{k}: expected shape {tuple(ref.shape)}, got {tuple(arrays[k].shape)}"
-                     for k, ref in self.shadow.items()
-                     if k in arrays and tuple(arrays[k].shape) != tuple(ref.shape)]
+            problems.append(
+                f"unexpected entries ({len(unexpected)}): "
+                f"{', '.join(unexpected[:5])}{', ...' if len(unexpected) > 5 else ''}"
+            )
+        problems += [
+            f"{k}: expected shape {tuple(ref.shape)}, got {tuple(arrays[k].shape)}"
+            for k, ref in self.shadow.items()
+            if k in arrays and tuple(arrays[k].shape) != tuple(ref.shape)
+        ]
         if problems:
             raise ValueError(f"{where}: " + "; ".join(problems))
         self.shadow = {
-            k: backend.asarray(backend.to_numpy(arrays[k]), backend.get_namespace(ref),
-                               dtype=ref.dtype)
-            for k, ref in self.shadow.items()}
+            k: backend.asarray(
+                backend.to_numpy(arrays[k]), backend.get_namespace(ref), dtype=ref.dtype
+            )
+            for k, ref in self.shadow.items()
+        }
         self.decay, self.updates = decay, updates

@@ -62,13 +62,12 @@ class TrainConfig:
     """Everything that determines a training run (saved as the run's config.json)."""
 
     # data
-    data: str | None = None          # None: the embedded 5,000 MNIST digits; else an IDX folder
-    size: int = 14                   # 14 (2x2 mean pooled, as the origin) or 28
-    test_fraction: float = 0.1       # held out for evaluation, never trained on
+    data: str | None = None  # None: the embedded 5,000 MNIST digits; else an IDX folder
+    size: int = 14  # 14 (2x2 mean pooled, as the origin) or 28
+    test_fraction: float = 0.1  # held out for evaluation, never trained on
     # model (diffusers UNet2DModel arguments)
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
-    down_block_types: list[str] = field(
-        default_factory=lambda: ["DownBlock2D", "AttnDownBlock2D"])
+    down_block_types: list[str] = field(default_factory=lambda: ["DownBlock2D", "AttnDownBlock2D"])
     up_block_types: list[str] = field(default_factory=lambda: ["AttnUpBlock2D", "UpBlock2D"])
     layers_per_block: int = 1
     norm_num_groups: int = 8
@@ -79,8 +78,8 @@ class TrainConfig:
     prediction_type: str = "epsilon"
     # optimisation
     batch_size: int = 64
-    epochs: int = 18                 # 1,278 steps: about 13-14 min with the final grid
-    max_steps: int | None = None     # overrides epochs when set
+    epochs: int = 18  # 1,278 steps: about 13-14 min with the final grid
+    max_steps: int | None = None  # overrides epochs when set
     lr: float = 2e-3
     warmup_steps: int = 100
     min_lr: float = 2e-5
@@ -92,7 +91,7 @@ class TrainConfig:
     # stops the nearly clean timesteps from dominating the gradient.  None (the default):
     # plain MSE.  Not yet measured on this recipe.
     snr_gamma: float | None = None
-    label_dropout: float = 0.1       # fraction of labels replaced by the null class (CFG)
+    label_dropout: float = 0.1  # fraction of labels replaced by the null class (CFG)
     seed: int = 0
     # bookkeeping
     checkpoint_every: int = 200
@@ -127,25 +126,34 @@ class TrainConfig:
         v = _validation
         if self.data is not None and not isinstance(self.data, (str, os.PathLike)):
             raise v.ArgumentTypeError(
-                f"{where}: expected data to be a folder path or None, got {self.data!r}")
+                f"{where}: expected data to be a folder path or None, got {self.data!r}"
+            )
         v.check_choice(where, "size", self.size, (14, 28))
-        v.check_float(where, "test_fraction", self.test_fraction, min=0.0, max=1.0,
-                      max_open=True)
+        v.check_float(where, "test_fraction", self.test_fraction, min=0.0, max=1.0, max_open=True)
         v.check_int_list(where, "block_out_channels", self.block_out_channels, min=1)
         for name in ("down_block_types", "up_block_types"):
             types = getattr(self, name)
-            if isinstance(types, str) or not isinstance(types, (list, tuple)) or not all(
-                    isinstance(b, str) for b in types):
+            if (
+                isinstance(types, str)
+                or not isinstance(types, (list, tuple))
+                or not all(isinstance(b, str) for b in types)
+            ):
                 raise v.ArgumentTypeError(
-                    f"{where}: expected {name} to be a list of block type names, got {types!r}")
+                    f"{where}: expected {name} to be a list of block type names, got {types!r}"
+                )
         v.check_int(where, "layers_per_block", self.layers_per_block, min=1)
         v.check_int(where, "norm_num_groups", self.norm_num_groups, min=1)
         v.check_int(where, "attention_head_dim", self.attention_head_dim, min=1, none=True)
         v.check_int(where, "num_train_timesteps", self.num_train_timesteps, min=1)
-        v.check_choice(where, "beta_schedule", self.beta_schedule,
-                       ("linear", "scaled_linear", "squaredcos_cap_v2"))
-        v.check_choice(where, "prediction_type", self.prediction_type,
-                       ("epsilon", "v_prediction", "sample"))
+        v.check_choice(
+            where,
+            "beta_schedule",
+            self.beta_schedule,
+            ("linear", "scaled_linear", "squaredcos_cap_v2"),
+        )
+        v.check_choice(
+            where, "prediction_type", self.prediction_type, ("epsilon", "v_prediction", "sample")
+        )
         v.check_int(where, "batch_size", self.batch_size, min=1)
         v.check_int(where, "epochs", self.epochs, min=1)
         v.check_int(where, "max_steps", self.max_steps, min=1, none=True)
@@ -156,16 +164,14 @@ class TrainConfig:
         v.check_float(where, "grad_clip", self.grad_clip, min=0.0, min_open=True, none=True)
         v.check_float(where, "ema_decay", self.ema_decay, min=0.0, max=1.0)
         v.check_float(where, "snr_gamma", self.snr_gamma, min=0.0, min_open=True, none=True)
-        v.check_float(where, "label_dropout", self.label_dropout, min=0.0, max=1.0,
-                      max_open=True)
+        v.check_float(where, "label_dropout", self.label_dropout, min=0.0, max=1.0, max_open=True)
         v.check_int(where, "seed", self.seed, min=0)
         v.check_int(where, "checkpoint_every", self.checkpoint_every, min=1)
         v.check_int(where, "keep_checkpoints", self.keep_checkpoints, min=0)  # 0: keep all
         v.check_int(where, "log_every", self.log_every, min=1)
         v.check_choice(where, "backend", self.backend, ("numpy", "cupy"))
         v.check_choice(where, "dtype", self.dtype, ("float32", "float64"))
-        v.check_int(where, "sample_steps", self.sample_steps, min=1,
-                    max=self.num_train_timesteps)
+        v.check_int(where, "sample_steps", self.sample_steps, min=1, max=self.num_train_timesteps)
         v.check_float(where, "guidance_scale", self.guidance_scale, min=0.0)
         v.check_bool(where, "clip_sample", self.clip_sample)
 
@@ -180,20 +186,23 @@ class TrainConfig:
         """
         if not isinstance(d, dict):
             raise _validation.ArgumentTypeError(
-                f"{where}: expected a JSON object of TrainConfig fields, got "
-                f"{type(d).__name__}")
+                f"{where}: expected a JSON object of TrainConfig fields, got {type(d).__name__}"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"{where}: unknown keys {unknown}; expected a subset of "
-                             f"{sorted(known)}")
+            raise ValueError(
+                f"{where}: unknown keys {unknown}; expected a subset of {sorted(known)}"
+            )
         cfg = cls(**d)
         cfg.validate(where)
         return cfg
 
     def unet_kwargs(self) -> dict:
         return {
-            "sample_size": self.size, "in_channels": 1, "out_channels": 1,
+            "sample_size": self.size,
+            "in_channels": 1,
+            "out_channels": 1,
             "block_out_channels": list(self.block_out_channels),
             "down_block_types": list(self.down_block_types),
             "up_block_types": list(self.up_block_types),
@@ -205,9 +214,11 @@ class TrainConfig:
 
     def scheduler(self) -> DDPMScheduler:
         """The training (noising) scheduler."""
-        return DDPMScheduler(num_train_timesteps=self.num_train_timesteps,
-                             beta_schedule=self.beta_schedule,
-                             prediction_type=self.prediction_type)
+        return DDPMScheduler(
+            num_train_timesteps=self.num_train_timesteps,
+            beta_schedule=self.beta_schedule,
+            prediction_type=self.prediction_type,
+        )
 
     def sampling_scheduler(
         self, kind: str = "ddim"
@@ -223,23 +234,28 @@ class TrainConfig:
         700-step default run (guidance 2.0, 200 digits) that scored 37% against 99%
         with ``leading`` (98.5% with DDIM 50).
         """
-        common = dict(num_train_timesteps=self.num_train_timesteps,
-                      beta_schedule=self.beta_schedule, prediction_type=self.prediction_type)
+        common = dict(
+            num_train_timesteps=self.num_train_timesteps,
+            beta_schedule=self.beta_schedule,
+            prediction_type=self.prediction_type,
+        )
         if kind == "dpm":
-            return DPMSolverMultistepScheduler(**common, timestep_spacing="leading",
-                                               thresholding=self.clip_sample)
+            return DPMSolverMultistepScheduler(
+                **common, timestep_spacing="leading", thresholding=self.clip_sample
+            )
         kinds = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
         if kind not in kinds:
-            raise ValueError(f"sampling_scheduler: expected 'ddim' or 'ddpm', got {kind!r} "
-                             f"(or 'dpm' for DPM-Solver++)")
+            raise ValueError(
+                f"sampling_scheduler: expected 'ddim' or 'ddpm', got {kind!r} "
+                f"(or 'dpm' for DPM-Solver++)"
+            )
         return kinds[kind](**common, clip_sample=self.clip_sample)
 
 
 class Trainer:
     """Trains a UNet2DModel on digits; see the module docstring for the run layout."""
 
-    def __init__(self, config: TrainConfig, run_dir: str | os.PathLike, *,
-                 progress: bool = True):
+    def __init__(self, config: TrainConfig, run_dir: str | os.PathLike, *, progress: bool = True):
         config.validate()
         self.config, self.run_dir, self.progress = config, Path(run_dir), progress
         self.xp = backend.namespace_for(config.backend)
@@ -248,8 +264,10 @@ class Trainer:
         self.x_test, self.y_test = prepared.x_test, prepared.y_test
         if self.y_train.shape[0] == 0:
             source = config.data if config.data is not None else "the embedded MNIST 5k set"
-            raise ValueError(f"Trainer: no training images in {source} (after holding out "
-                             f"test_fraction={config.test_fraction})")
+            raise ValueError(
+                f"Trainer: no training images in {source} (after holding out "
+                f"test_fraction={config.test_fraction})"
+            )
         self.data_sha256 = data.fingerprint(self.x_train, self.y_train)
         self._lock = RunLock(self.run_dir)
         init.manual_seed(config.seed)
@@ -323,8 +341,9 @@ class Trainer:
                 f"gradient norm became {norm} at step {self.step}; the last good checkpoint is "
                 f"{last if last else '(none yet)'}; {_DIVERGED_ADVICE}"
             )
-        self.optimizer.lr = warmup_cosine(self.step, cfg.lr, cfg.warmup_steps,
-                                          self.total_steps, cfg.min_lr)
+        self.optimizer.lr = warmup_cosine(
+            self.step, cfg.lr, cfg.warmup_steps, self.total_steps, cfg.min_lr
+        )
         self.optimizer.step()
         self.ema.update(self.model)
         self.step += 1
@@ -377,8 +396,13 @@ class Trainer:
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=self.total_steps, initial=self.step, unit="step",
-                       desc=f"train {cfg.size}x{cfg.size}", dynamic_ncols=True)
+            bar = tqdm(
+                total=self.total_steps,
+                initial=self.step,
+                unit="step",
+                desc=f"train {cfg.size}x{cfg.size}",
+                dynamic_ncols=True,
+            )
         t_start = time.perf_counter()
         window: list[float] = []
         seen = 0
@@ -391,8 +415,13 @@ class Trainer:
                 else:  # resuming mid-epoch: redraw this epoch's order, skip what was done
                     self.data_rng.set_state(self.epoch_rng_state)
                 done_before = self.step
-                for xb, yb in data.batches(self.x_train, self.y_train, cfg.batch_size,
-                                           self.data_rng, skip=self.batch_in_epoch):
+                for xb, yb in data.batches(
+                    self.x_train,
+                    self.y_train,
+                    cfg.batch_size,
+                    self.data_rng,
+                    skip=self.batch_in_epoch,
+                ):
                     loss, norm = self.train_step(xb, yb)
                     self.batch_in_epoch += 1
                     if self.batch_in_epoch == self.steps_per_epoch:
@@ -404,9 +433,17 @@ class Trainer:
                         now = time.perf_counter()
                         rate = seen / max(now - t_log, 1e-9)
                         mean = sum(window) / len(window)
-                        self._log({"step": self.step, "epoch": self.epoch, "loss": mean,
-                                   "grad_norm": norm, "lr": self.optimizer.lr,
-                                   "samples_per_s": rate, "elapsed_s": now - t_start})
+                        self._log(
+                            {
+                                "step": self.step,
+                                "epoch": self.epoch,
+                                "loss": mean,
+                                "grad_norm": norm,
+                                "lr": self.optimizer.lr,
+                                "samples_per_s": rate,
+                                "elapsed_s": now - t_start,
+                            }
+                        )
                         if bar is not None:
                             bar.set_postfix(loss=f"{mean:.4f}", samples_s=f"{rate:.0f}")
                         window, seen, t_log = [], 0, now
@@ -419,7 +456,8 @@ class Trainer:
                 if self.step == done_before:  # never loop over an epoch without batches
                     raise RuntimeError(
                         f"Trainer: epoch {self.epoch} has no batches left after batch "
-                        f"{self.batch_in_epoch} of {self.steps_per_epoch}")
+                        f"{self.batch_in_epoch} of {self.steps_per_epoch}"
+                    )
         finally:
             if bar is not None:
                 bar.close()
@@ -438,10 +476,14 @@ class Trainer:
         """Refuse to checkpoint non-finite weights, EMA or optimizer moments: the last
         checkpoint must always be one to resume or sample from."""
         xp = self.xp
-        groups = {"weights": {k: p.data for k, p in self.model.named_parameters()},
-                  "EMA weights": self.ema.shadow, "optimizer moments": {
-                      **{f"m.{k}": a for k, a in self.optimizer.m.items()},
-                      **{f"v.{k}": a for k, a in self.optimizer.v.items()}}}
+        groups = {
+            "weights": {k: p.data for k, p in self.model.named_parameters()},
+            "EMA weights": self.ema.shadow,
+            "optimizer moments": {
+                **{f"m.{k}": a for k, a in self.optimizer.m.items()},
+                **{f"v.{k}": a for k, a in self.optimizer.v.items()},
+            },
+        }
         for what, arrays in groups.items():
             bad = [k for k, a in arrays.items() if not bool(xp.all(xp.isfinite(a)))]
             if bad:
@@ -449,7 +491,8 @@ class Trainer:
                 raise TrainingDiverged(
                     f"the {what} became NaN or infinite by step {self.step} (first: {bad[0]}); "
                     f"not checkpointed; the last good checkpoint is "
-                    f"{last if last else '(none yet)'}; {_DIVERGED_ADVICE}")
+                    f"{last if last else '(none yet)'}; {_DIVERGED_ADVICE}"
+                )
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoint-<step>`` atomically and point ``latest.json`` at it.
@@ -472,15 +515,22 @@ class Trainer:
             opt_arrays, opt_scalars = self.optimizer.state_dict()
             io.save_safetensors(opt_arrays, tmp / "optimizer.safetensors")
             _, ema_scalars = self.ema.state_dict()
-            io.save_json({
-                "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "epoch_rng_state": self.epoch_rng_state,
-                "data_rng_state": self.data_rng.get_state(),
-                "noise_rng_state": self.noise_rng.get_state(),
-                "optimizer": opt_scalars, "ema": ema_scalars,
-                "n_train": int(self.y_train.shape[0]), "data_sha256": self.data_sha256,
-                "train_config": self.config.to_json(),
-            }, tmp / "trainer_state.json")
+            io.save_json(
+                {
+                    "step": self.step,
+                    "epoch": self.epoch,
+                    "batch_in_epoch": self.batch_in_epoch,
+                    "epoch_rng_state": self.epoch_rng_state,
+                    "data_rng_state": self.data_rng.get_state(),
+                    "noise_rng_state": self.noise_rng.get_state(),
+                    "optimizer": opt_scalars,
+                    "ema": ema_scalars,
+                    "n_train": int(self.y_train.shape[0]),
+                    "data_sha256": self.data_sha256,
+                    "train_config": self.config.to_json(),
+                },
+                tmp / "trainer_state.json",
+            )
             if final.exists():
                 _remove_dir(final)
             os.replace(tmp, final)
@@ -522,23 +572,47 @@ class Trainer:
         where = f"resume: {state_file}"
         if not isinstance(state, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(state).__name__}")
-        missing = sorted({"train_config", "step", "epoch", "batch_in_epoch", "epoch_rng_state",
-                          "data_rng_state", "noise_rng_state", "optimizer", "ema"} - set(state))
+        missing = sorted(
+            {
+                "train_config",
+                "step",
+                "epoch",
+                "batch_in_epoch",
+                "epoch_rng_state",
+                "data_rng_state",
+                "noise_rng_state",
+                "optimizer",
+                "ema",
+            }
+            - set(state)
+        )
         if missing:
             raise ValueError(f"{where}: missing entries {missing}")
         saved = TrainConfig.from_json(state["train_config"], f"{where} (train_config)")
         mine = self.config.to_json()
-        differ = [k for k, v in saved.to_json().items()
-                  if mine[k] != v and k not in ("epochs", "max_steps", "checkpoint_every",
-                                                "log_every", "keep_checkpoints", "backend")]
+        differ = [
+            k
+            for k, v in saved.to_json().items()
+            if mine[k] != v
+            and k
+            not in (
+                "epochs",
+                "max_steps",
+                "checkpoint_every",
+                "log_every",
+                "keep_checkpoints",
+                "backend",
+            )
+        ]
         if differ:
-            raise ValueError(f"resume: the checkpoint {path} was trained with different settings "
-                             f"for {differ}; start a new run directory instead")
+            raise ValueError(
+                f"resume: the checkpoint {path} was trained with different settings "
+                f"for {differ}; start a new run directory instead"
+            )
         self._check_position(state, where)
         for key in ("optimizer", "ema"):
             if not isinstance(state[key], dict):
-                raise ValueError(f"{where}: expected {key} to be a JSON object, got "
-                                 f"{state[key]!r}")
+                raise ValueError(f"{where}: expected {key} to be a JSON object, got {state[key]!r}")
         self.model.load_state_dict(io.load_safetensors(path / "unet" / io.WEIGHTS_NAME))
         ema_file = path / "unet_ema" / io.WEIGHTS_NAME
         try:
@@ -553,14 +627,18 @@ class Trainer:
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
         self.epoch_rng_state = state["epoch_rng_state"]
-        for key, rng in (("epoch_rng_state", None), ("data_rng_state", self.data_rng),
-                         ("noise_rng_state", self.noise_rng)):
+        for key, rng in (
+            ("epoch_rng_state", None),
+            ("data_rng_state", self.data_rng),
+            ("noise_rng_state", self.noise_rng),
+        ):
             probe = rng or backend.Generator(0, backend.namespace_for("numpy"))
             try:
                 probe.set_state(state[key])
             except (TypeError, ValueError, KeyError) as err:
-                raise ValueError(f"{where}: {key} is not a generator state "
-                                 f"({_message(err)})") from err
+                raise ValueError(
+                    f"{where}: {key} is not a generator state ({_message(err)})"
+                ) from err
 
     def _check_position(self, state: dict, where: str) -> None:
         """The step, epoch and batch of a trainer state must be consistent with this data."""
@@ -569,10 +647,13 @@ class Trainer:
         if "n_train" in state and state["n_train"] != n:
             raise ValueError(
                 f"{where}: the checkpoint was trained on {state['n_train']} digits, but "
-                f"{source} now gives {n}; the data changed: start a new run directory")
+                f"{source} now gives {n}; the data changed: start a new run directory"
+            )
         if "data_sha256" in state and state["data_sha256"] != self.data_sha256:
-            raise ValueError(f"{where}: the training data under {source} changed since the "
-                             f"checkpoint; start a new run directory")
+            raise ValueError(
+                f"{where}: the training data under {source} changed since the "
+                f"checkpoint; start a new run directory"
+            )
         step = _validation.check_int(where, "step", state["step"], min=0)
         epoch = _validation.check_int(where, "epoch", state["epoch"], min=0)
         batch = _validation.check_int(where, "batch_in_epoch", state["batch_in_epoch"], min=0)
@@ -580,11 +661,13 @@ class Trainer:
             raise ValueError(
                 f"{where}: batch_in_epoch {batch} is beyond the epoch of {spe} batches ({n} "
                 f"digits in batches of {self.config.batch_size}); the checkpoint does not "
-                f"belong to this data")
+                f"belong to this data"
+            )
         if step != epoch * spe + batch:
             raise ValueError(
                 f"{where}: step {step} does not match epoch {epoch} and batch_in_epoch {batch} "
-                f"at {spe} batches per epoch (expected step {epoch * spe + batch})")
+                f"at {spe} batches per epoch (expected step {epoch * spe + batch})"
+            )
 
     def _truncate_metrics(self) -> None:
         """Drop metric lines logged after the current step (those of a run that went on past
@@ -607,18 +690,22 @@ class Trainer:
                     raise TypeError
             except (ValueError, TypeError, KeyError) as err:
                 if i == len(lines) - 1:
-                    warnings.warn(f"{path}: dropping a torn last line ({ln[:40]!r}...); the "
-                                  f"{len(keep)} complete lines are kept", RuntimeWarning,
-                                  stacklevel=3)
+                    warnings.warn(
+                        f"{path}: dropping a torn last line ({ln[:40]!r}...); the "
+                        f"{len(keep)} complete lines are kept",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
                     break
-                raise ValueError(f"{path}:{i + 1}: expected a JSON object with an integer "
-                                 f"'step', got {ln[:60]!r}") from err
+                raise ValueError(
+                    f"{path}:{i + 1}: expected a JSON object with an integer "
+                    f"'step', got {ln[:60]!r}"
+                ) from err
             if step <= self.step:
                 keep.append(ln)
         if keep == lines and text.endswith("\n"):
             return
-        io.atomic_write(path, lambda tmp: Path(tmp).write_text(
-            "".join(ln + "\n" for ln in keep)))
+        io.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(ln + "\n" for ln in keep)))
 
     def resume(self) -> bool:
         """Load the latest checkpoint of the run directory if there is one.
@@ -638,9 +725,11 @@ class Trainer:
         return True
 
 
-_DIVERGED_ADVICE = ("to train with a lower learning rate, start a new run (a new --out) with "
-                    "a lower --lr, or a smaller grad_clip in a --config file (--resume keeps "
-                    "the run's settings)")
+_DIVERGED_ADVICE = (
+    "to train with a lower learning rate, start a new run (a new --out) with "
+    "a lower --lr, or a smaller grad_clip in a --config file (--resume keeps "
+    "the run's settings)"
+)
 
 _CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
 
@@ -739,21 +828,26 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
             record = io.load_json(pointer)
             name = record.get("checkpoint") if isinstance(record, dict) else None
             if not isinstance(name, str) or not _CHECKPOINT_NAME.fullmatch(name):
-                raise ValueError(f"{pointer}: expected {{\"checkpoint\": \"checkpoint-<step>\", "
-                                 f"...}}, got {record!r:.80}")
+                raise ValueError(
+                    f'{pointer}: expected {{"checkpoint": "checkpoint-<step>", '
+                    f"...}}, got {record!r:.80}"
+                )
         except (OSError, ValueError) as err:
-            warnings.warn(f"ignoring {pointer} ({err}); using the newest complete checkpoint",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"ignoring {pointer} ({err}); using the newest complete checkpoint",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         else:
             if (run_dir / name / "trainer_state.json").exists():
                 return run_dir / name
-    ckpts = [p for p in sorted(run_dir.glob("checkpoint-*"))
-             if (p / "trainer_state.json").exists()]
+    ckpts = [p for p in sorted(run_dir.glob("checkpoint-*")) if (p / "trainer_state.json").exists()]
     return ckpts[-1] if ckpts else None
 
 
-def load_for_sampling(path: str | os.PathLike, backend_name: str = "numpy",
-                      use_ema: bool = True) -> tuple[UNet2DModel, TrainConfig]:
+def load_for_sampling(
+    path: str | os.PathLike, backend_name: str = "numpy", use_ema: bool = True
+) -> tuple[UNet2DModel, TrainConfig]:
     """Model (EMA weights by default) and TrainConfig from a run directory or a checkpoint.
 
     From a run directory, the latest checkpoint is read; if a trainer still running there
@@ -778,15 +872,19 @@ def load_for_sampling(path: str | os.PathLike, backend_name: str = "numpy",
                 raise  # a real problem of this checkpoint, not a prune race
             tried.append(ckpt.name)  # pruned while we read it: take the newer one
     if tried:
-        raise FileNotFoundError(f"{path}: checkpoints {tried} were removed while being read; "
-                                f"is a trainer pruning them faster than they can be read?")
+        raise FileNotFoundError(
+            f"{path}: checkpoints {tried} were removed while being read; "
+            f"is a trainer pruning them faster than they can be read?"
+        )
     raise FileNotFoundError(
         f"expected a run directory with checkpoints or a checkpoint directory, "
-        f"found neither at {path}")
+        f"found neither at {path}"
+    )
 
 
-def _load_checkpoint_for_sampling(path: Path, backend_name: str,
-                                  use_ema: bool) -> tuple[UNet2DModel, TrainConfig]:
+def _load_checkpoint_for_sampling(
+    path: Path, backend_name: str, use_ema: bool
+) -> tuple[UNet2DModel, TrainConfig]:
     state_file = path / "trainer_state.json"
     state = io.load_json(state_file)
     if not isinstance(state, dict) or "train_config" not in state:
@@ -797,6 +895,8 @@ def _load_checkpoint_for_sampling(path: Path, backend_name: str,
     model = UNet2DModel.from_pretrained(where, dtype=cfg.dtype, xp=xp)
     bad = [k for k, p in model.named_parameters() if not bool(xp.all(xp.isfinite(p.data)))]
     if bad:
-        raise ValueError(f"{where}: the weights hold NaN or inf ({len(bad)} tensors, first "
-                         f"{bad[0]}); the run diverged: sample an earlier checkpoint")
+        raise ValueError(
+            f"{where}: the weights hold NaN or inf ({len(bad)} tensors, first "
+            f"{bad[0]}); the run diverged: sample an earlier checkpoint"
+        )
     return model, cfg

@@ -39,38 +39,69 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="xpdiff (NumPy / CuPy) against diffusers on PyTorch eager.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--quick", action="store_true",
-                   help="fast smoke run: flagship config only (unless --configs), 2 repeats, "
-                        "1 warm-up, 3 GEMM repeats, 5 sampling steps (50-step time projected)")
-    p.add_argument("--configs", default=None,
-                   help="comma-separated configs from seed14,mnist28,flagship "
-                        "(default: all three; flagship with --quick)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="fast smoke run: flagship config only (unless --configs), 2 repeats, "
+        "1 warm-up, 3 GEMM repeats, 5 sampling steps (50-step time projected)",
+    )
+    p.add_argument(
+        "--configs",
+        default=None,
+        help="comma-separated configs from seed14,mnist28,flagship "
+        "(default: all three; flagship with --quick)",
+    )
     p.add_argument("--batch", type=int, default=64, help="CPU batch size")
     p.add_argument("--gpu-batch", type=int, default=128, help="batch size of --gpu")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="timed repeats per framework (median reported; default 7, 2 with --quick)")
-    p.add_argument("--warmup", type=int, default=None,
-                   help="untimed rounds before timing (default 2, 1 with --quick)")
-    p.add_argument("--threads", type=int, default=2,
-                   help="threads for torch (set_num_threads) and NumPy's BLAS (threadpoolctl, "
-                        "user_api='blas')")
-    p.add_argument("--sections", default=",".join(SECTIONS),
-                   help=f"comma-separated subset of {','.join(SECTIONS)} (CPU mode)")
-    p.add_argument("--sample-steps", type=int, default=None,
-                   help="DDIM steps of the sampling section (default 50, 5 with --quick)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed repeats per framework (median reported; default 7, 2 with --quick)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed rounds before timing (default 2, 1 with --quick)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="threads for torch (set_num_threads) and NumPy's BLAS (threadpoolctl, "
+        "user_api='blas')",
+    )
+    p.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated subset of {','.join(SECTIONS)} (CPU mode)",
+    )
+    p.add_argument(
+        "--sample-steps",
+        type=int,
+        default=None,
+        help="DDIM steps of the sampling section (default 50, 5 with --quick)",
+    )
     p.add_argument("--sample-digits", type=int, default=100, help="digits drawn by sampling")
-    p.add_argument("--gemm-repeats", type=int, default=None,
-                   help="timed repeats per GEMM shape (default 7, 3 with --quick)")
-    p.add_argument("--gpu", action="store_true",
-                   help="CUDA mode: xpdiff on CuPy vs torch CUDA eager, train + infer + device "
-                        "memory, batch --gpu-batch (skipped with a message without a device)")
+    p.add_argument(
+        "--gemm-repeats",
+        type=int,
+        default=None,
+        help="timed repeats per GEMM shape (default 7, 3 with --quick)",
+    )
+    p.add_argument(
+        "--gpu",
+        action="store_true",
+        help="CUDA mode: xpdiff on CuPy vs torch CUDA eager, train + infer + device "
+        "memory, batch --gpu-batch (skipped with a message without a device)",
+    )
     p.add_argument("--json", default=None, metavar="OUT.json", help="also write all results here")
     # internal: one framework's memory probe in a fresh process
     p.add_argument("--_memprobe", choices=("xpdiff", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--config", default="flagship", help=argparse.SUPPRESS)
     # internal: the --gpu code path on NumPy + torch CPU, to test the harness without a device
-    p.add_argument("--_gpu-dryrun", dest="_gpu_dryrun", action="store_true",
-                   help=argparse.SUPPRESS)
+    p.add_argument("--_gpu-dryrun", dest="_gpu_dryrun", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     q = args.quick
     args.configs = args.configs or ("flagship" if q else "seed14,mnist28,flagship")
@@ -116,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def threadpool_limits(limits: int, user_api: str) -> contextlib.AbstractContextManager:
             return contextlib.nullcontext()
+
     results: dict = {"args": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
     t_start = time.perf_counter()
     with threadpool_limits(limits=args.threads, user_api="blas"):
@@ -150,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     print_blas_warning(results["env"])  # again: the header has scrolled away by now
     results["env"]["loadavg_end"] = os.getloadavg()
     results["wall_s"] = time.perf_counter() - t_start
-    print(f"\ntotal wall time {results['wall_s']:.0f} s; load avg at end: "
-          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"\ntotal wall time {results['wall_s']:.0f} s; load avg at end: "
+        f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
         print(f"results written to {args.json}")

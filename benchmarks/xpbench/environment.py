@@ -24,13 +24,29 @@ OPENBLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 # OpenBLAS x86-64 kernel names (threadpoolctl's ``architecture``, values of OPENBLAS_CORETYPE)
 # by the widest vector instructions they use: index into ISA_NAMES / ISA_FLAGS.
-KERNEL_ISA = {name.lower(): level for level, names in (
-    (3, ("SkylakeX", "Cooperlake", "SapphireRapids")),
-    (2, ("Haswell", "Zen")),
-    (1, ("SandyBridge",)),
-    (0, ("Prescott", "Core2", "Penryn", "Dunnington", "Nehalem", "Atom", "Opteron",
-         "Barcelona", "Nano")),
-) for name in names}
+KERNEL_ISA = {
+    name.lower(): level
+    for level, names in (
+        (3, ("SkylakeX", "Cooperlake", "SapphireRapids")),
+        (2, ("Haswell", "Zen")),
+        (1, ("SandyBridge",)),
+        (
+            0,
+            (
+                "Prescott",
+                "Core2",
+                "Penryn",
+                "Dunnington",
+                "Nehalem",
+                "Atom",
+                "Opteron",
+                "Barcelona",
+                "Nano",
+            ),
+        ),
+    )
+    for name in names
+}
 ISA_NAMES = ("SSE", "AVX", "AVX2", "AVX-512")
 ISA_FLAGS = ("sse2", "avx", "avx2", "avx512f")  # the /proc/cpuinfo flag of each level
 RERUN = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench.py"
@@ -61,8 +77,13 @@ def _openblas_of(pools: list[dict], owner: str) -> dict | None:
     return None
 
 
-def blas_kernel(pools: list[dict] | None, flags: set[str] | None, environ: Mapping[str, str],
-                argv: list[str] | None = None, torch_info: dict | None = None) -> dict:
+def blas_kernel(
+    pools: list[dict] | None,
+    flags: set[str] | None,
+    environ: Mapping[str, str],
+    argv: list[str] | None = None,
+    torch_info: dict | None = None,
+) -> dict:
     """What NumPy's OpenBLAS runs and whether the environment forces an older kernel.
 
     ``pools``: ``threadpoolctl.threadpool_info()`` (None: threadpoolctl missing); NumPy's
@@ -73,8 +94,13 @@ def blas_kernel(pools: list[dict] | None, flags: set[str] | None, environ: Mappi
     pools = pools or []
     forced = {k: environ[k] for k in OPENBLAS_ENV if environ.get(k)}
     mine = _openblas_of(pools, "numpy") or next(
-        (d for d in pools if d.get("internal_api") == "openblas"
-         and "torch" not in str(d.get("filepath", ""))), None)
+        (
+            d
+            for d in pools
+            if d.get("internal_api") == "openblas" and "torch" not in str(d.get("filepath", ""))
+        ),
+        None,
+    )
     theirs = _openblas_of(pools, "torch")
     arch = mine.get("architecture") if mine else None
     kernel = KERNEL_ISA.get(str(arch or forced.get("OPENBLAS_CORETYPE") or "").lower())
@@ -82,8 +108,8 @@ def blas_kernel(pools: list[dict] | None, flags: set[str] | None, environ: Mappi
     rep = {
         "numpy_openblas_architecture": arch,
         "numpy_openblas_version": mine.get("version") if mine else None,
-        "numpy_blas": (mine or {}).get("internal_api") or next(
-            (d.get("internal_api") for d in pools if d.get("user_api") == "blas"), None),
+        "numpy_blas": (mine or {}).get("internal_api")
+        or next((d.get("internal_api") for d in pools if d.get("user_api") == "blas"), None),
         "kernel_isa": None if kernel is None else ISA_NAMES[kernel],
         "cpu_isa": None if cpu is None else f"{ISA_NAMES[cpu]} ({ISA_FLAGS[cpu]})",
         "torch_openblas_architecture": theirs.get("architecture") if theirs else None,
@@ -96,21 +122,31 @@ def blas_kernel(pools: list[dict] | None, flags: set[str] | None, environ: Mappi
     which = arch or forced.get("OPENBLAS_CORETYPE")
     if forced and older:
         setting = " and ".join(f"{k}={v}" for k, v in forced.items())
-        torch_too = "" if theirs else (
-            "; torch's BLAS does not read these variables, so the xpdiff/torch ratios are "
-            "skewed too")
+        torch_too = (
+            ""
+            if theirs
+            else (
+                "; torch's BLAS does not read these variables, so the xpdiff/torch ratios are "
+                "skewed too"
+            )
+        )
         cmd = RERUN + (" " + shlex.join(argv) if argv else "")
         rep["warning"] = (
             f"{setting} {'is' if len(forced) == 1 else 'are'} set: NumPy's OpenBLAS runs "
             f"its {which} ({ISA_NAMES[kernel]}) kernels on a CPU with {rep['cpu_isa']}, so "
             f"every NumPy/xpdiff time here is slower than this machine allows{torch_too}. "
-            f"For timings, run: {cmd}")
+            f"For timings, run: {cmd}"
+        )
     elif forced:
-        rep["note"] = (", ".join(f"{k}={v}" for k, v in forced.items())
-                       + " set; the kernel is not older than the CPU allows")
+        rep["note"] = (
+            ", ".join(f"{k}={v}" for k, v in forced.items())
+            + " set; the kernel is not older than the CPU allows"
+        )
     elif older:
-        rep["note"] = (f"NumPy's OpenBLAS picked {which} ({ISA_NAMES[kernel]}) on a CPU "
-                       f"with {rep['cpu_isa']}: this OpenBLAS build has no newer kernel for it")
+        rep["note"] = (
+            f"NumPy's OpenBLAS picked {which} ({ISA_NAMES[kernel]}) on a CPU "
+            f"with {rep['cpu_isa']}: this OpenBLAS build has no newer kernel for it"
+        )
     return rep
 
 
@@ -172,13 +208,21 @@ def environment(args: argparse.Namespace) -> dict:
         from threadpoolctl import threadpool_info
 
         pools = threadpool_info()
-        keys = ("user_api", "internal_api", "prefix", "version", "num_threads",
-                "threading_layer", "architecture")
+        keys = (
+            "user_api",
+            "internal_api",
+            "prefix",
+            "version",
+            "num_threads",
+            "threading_layer",
+            "architecture",
+        )
         env["threadpools"] = [{k: v for k, v in d.items() if k in keys} for d in pools]
     except ImportError:
         env["threadpools"] = [{"threadpoolctl": "not installed"}]
-    env["blas_kernel"] = blas_kernel(pools, cpu_flags(), os.environ,
-                                     getattr(args, "_argv", None), torch_blas())
+    env["blas_kernel"] = blas_kernel(
+        pools, cpu_flags(), os.environ, getattr(args, "_argv", None), torch_blas()
+    )
     return env
 
 
@@ -193,16 +237,22 @@ def print_blas_warning(env: dict) -> None:
 def print_environment(env: dict) -> None:
     print("# xpdiff benchmark")
     print(f"date: {env['date']}   host: {env['host']}   python {env['python']}")
-    print(f"cpu: {env['cpu']}   cores: {env['cpu_count']} (usable {env['cpu_affinity']})   "
-          f"load avg: {', '.join(f'{x:.2f}' for x in env['loadavg'])}")
-    print(f"numpy {env['numpy']}   torch {env['torch']}   diffusers {env['diffusers']}   "
-          f"xpdiff {env['xpdiff']}   threads: {env['threads']} (torch {env.get('torch_threads')})")
+    print(
+        f"cpu: {env['cpu']}   cores: {env['cpu_count']} (usable {env['cpu_affinity']})   "
+        f"load avg: {', '.join(f'{x:.2f}' for x in env['loadavg'])}"
+    )
+    print(
+        f"numpy {env['numpy']}   torch {env['torch']}   diffusers {env['diffusers']}   "
+        f"xpdiff {env['xpdiff']}   threads: {env['threads']} (torch {env.get('torch_threads')})"
+    )
     for d in env["threadpools"]:
         print("threadpool: " + ", ".join(f"{k}={v}" for k, v in d.items()))
     bk = env.get("blas_kernel") or {}
     if bk.get("numpy_openblas_architecture"):
-        mine = (f"OpenBLAS {bk['numpy_openblas_version']} {bk['numpy_openblas_architecture']}"
-                f" ({bk['kernel_isa'] or '?'})")
+        mine = (
+            f"OpenBLAS {bk['numpy_openblas_version']} {bk['numpy_openblas_architecture']}"
+            f" ({bk['kernel_isa'] or '?'})"
+        )
     else:
         mine = f"{bk.get('numpy_blas') or 'unknown'} (kernel not reported)"
     t = bk.get("torch")

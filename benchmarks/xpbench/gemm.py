@@ -29,17 +29,29 @@ def section_gemm(args: argparse.Namespace, results: dict) -> None:
         b = rng.standard_normal((n, k) if layout == "nt" else (k, n), dtype=np.float32)
         a, b = (a.T if layout == "tn" else a), (b.T if layout == "nt" else b)
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-        times = alternate({"numpy": lambda a=a, b=b: a @ b,
-                           "torch": lambda ta=ta, tb=tb: torch.mm(ta, tb)}, 1, reps)
+        times = alternate(
+            {"numpy": lambda a=a, b=b: a @ b, "torch": lambda ta=ta, tb=tb: torch.mm(ta, tb)},
+            1,
+            reps,
+        )
         fl = 2.0 * m * k * n
         gn, gt = fl / median(times["numpy"]) / 1e9, fl / median(times["torch"]) / 1e9
-        out[label] = {"m": m, "k": k, "n": n, "layout": layout, "numpy_gflops": gn,
-                      "torch_gflops": gt}
+        out[label] = {
+            "m": m,
+            "k": k,
+            "n": n,
+            "layout": layout,
+            "numpy_gflops": gn,
+            "torch_gflops": gt,
+        }
         rows.append([label, fmt(median(times["numpy"]) * 1e3, 2), fmt(gn), fmt(gt)])
     peak = max(v["numpy_gflops"] for v in out.values())
     results["gemm"] = {"shapes": out, "peak_numpy_gflops": peak}
-    print_table(f"float32 GEMM, {args.threads} threads, median of {reps}",
-                ["shape", "numpy ms", "numpy GFLOP/s", "torch GFLOP/s"], rows)
+    print_table(
+        f"float32 GEMM, {args.threads} threads, median of {reps}",
+        ["shape", "numpy ms", "numpy GFLOP/s", "torch GFLOP/s"],
+        rows,
+    )
     print(f"peak (best NumPy GEMM above): {peak:.1f} GFLOP/s")
 
 
@@ -60,7 +72,12 @@ def drift_check(args: argparse.Namespace, results: dict) -> None:
     end = square_gemm_gflops(args.gemm_repeats)
     results["gemm"]["square_numpy_gflops_at_end"] = end
     change = end / start - 1
-    note = "" if abs(change) < 0.2 else (
-        "  <-- the machine's load changed during the run: rerun when it is quiet")
-    print(f"\nload check: NumPy 2048^3 GEMM {start:.1f} GFLOP/s at the start, {end:.1f} at the "
-          f"end ({100 * change:+.0f}%){note}")
+    note = (
+        ""
+        if abs(change) < 0.2
+        else ("  <-- the machine's load changed during the run: rerun when it is quiet")
+    )
+    print(
+        f"\nload check: NumPy 2048^3 GEMM {start:.1f} GFLOP/s at the start, {end:.1f} at the "
+        f"end ({100 * change:+.0f}%){note}"
+    )

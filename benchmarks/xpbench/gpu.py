@@ -40,8 +40,7 @@ class CupyDevice:
         props = cupy.cuda.runtime.getDeviceProperties(dev.id)
         name = props["name"]
         self.name = name.decode() if isinstance(name, bytes) else str(name)
-        self.info = (f"cupy {cupy.__version__}, CUDA runtime "
-                     f"{cupy.cuda.runtime.runtimeGetVersion()}")
+        self.info = f"cupy {cupy.__version__}, CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}"
         self.pool = cupy.get_default_memory_pool()
         self._used0 = 0
         self._alloc0 = 0
@@ -134,9 +133,13 @@ def section_gpu(names: list[str], args: argparse.Namespace, results: dict) -> No
     if no_ref:
         print(f"torch reference SKIPPED: {no_ref}; xpdiff alone is timed (random weights)")
     batch = args.gpu_batch
-    res_gpu: dict = {"device": dev.name, "info": dev.info, "batch": batch,
-                     "torch_reference": no_ref or "diffusers UNet2DModel, torch eager",
-                     "configs": {}}
+    res_gpu: dict = {
+        "device": dev.name,
+        "info": dev.info,
+        "batch": batch,
+        "torch_reference": no_ref or "diffusers UNet2DModel, torch eager",
+        "configs": {},
+    }
     results["gpu"] = res_gpu
     train_rows, infer_rows, mem_rows = [], [], []
     for name in names:
@@ -151,13 +154,16 @@ def section_gpu(names: list[str], args: argparse.Namespace, results: dict) -> No
             agree = forward_agreement(xr, tr)
         fwd = {"xpdiff": xr.forward} | ({"torch": tr.forward} if tr else {})
         step = {"xpdiff": xr.train_step} | ({"torch": tr.train_step} if tr else {})
-        print(f"[gpu {name}] inference and training: {args.warmup} warm-up + {args.repeats} "
-              "alternated repeats each ...", flush=True)
-        row, res["infer"] = throughput_rows(name, batch, alternate(fwd, args.warmup,
-                                                                   args.repeats), agree, True)
+        print(
+            f"[gpu {name}] inference and training: {args.warmup} warm-up + {args.repeats} "
+            "alternated repeats each ...",
+            flush=True,
+        )
+        row, res["infer"] = throughput_rows(
+            name, batch, alternate(fwd, args.warmup, args.repeats), agree, True
+        )
         infer_rows.append(row)
-        row, res["train"] = throughput_rows(name, batch, alternate(step, args.warmup,
-                                                                   args.repeats))
+        row, res["train"] = throughput_rows(name, batch, alternate(step, args.warmup, args.repeats))
         train_rows.append(row)
         # device memory of one (warm) training step above what is held before it
         dev.xp_mem_start()
@@ -172,10 +178,19 @@ def section_gpu(names: list[str], args: argparse.Namespace, results: dict) -> No
         mem_rows.append([name, batch, fmt(x_inc), fmt(t_inc), ratio(x_inc, t_inc)])
         del xr, tr
         dev.cleanup()
-    print_table(f"GPU inference ({dev.name}), xpdiff on CuPy vs torch eager, median of "
-                f"{args.repeats}", THROUGHPUT_HEAD + ["fwd max|diff|"], infer_rows)
-    print_table(f"GPU training step (fwd + MSE + bwd + AdamW) ({dev.name}), median of "
-                f"{args.repeats}", THROUGHPUT_HEAD, train_rows)
-    print_table("GPU memory of one warm training step (MiB above what is held before it: "
-                "CuPy pool growth vs torch max_memory_allocated)",
-                ["config", "batch", "xpdiff", "torch", "xpdiff/torch"], mem_rows)
+    print_table(
+        f"GPU inference ({dev.name}), xpdiff on CuPy vs torch eager, median of {args.repeats}",
+        THROUGHPUT_HEAD + ["fwd max|diff|"],
+        infer_rows,
+    )
+    print_table(
+        f"GPU training step (fwd + MSE + bwd + AdamW) ({dev.name}), median of {args.repeats}",
+        THROUGHPUT_HEAD,
+        train_rows,
+    )
+    print_table(
+        "GPU memory of one warm training step (MiB above what is held before it: "
+        "CuPy pool growth vs torch max_memory_allocated)",
+        ["config", "batch", "xpdiff", "torch", "xpdiff/torch"],
+        mem_rows,
+    )

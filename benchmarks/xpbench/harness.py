@@ -12,26 +12,41 @@ SECTIONS = ("train", "infer", "memory", "layers", "gemm", "sample")
 
 CONFIGS: dict[str, dict | None] = {
     "seed14": {
-        "sample_size": 14, "in_channels": 1, "out_channels": 1,
+        "sample_size": 14,
+        "in_channels": 1,
+        "out_channels": 1,
         "block_out_channels": [32, 64],
         "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
         "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-        "layers_per_block": 2, "norm_num_groups": 32, "num_class_embeds": 10,
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "num_class_embeds": 10,
     },
     "mnist28": {
-        "sample_size": 28, "in_channels": 1, "out_channels": 1,
+        "sample_size": 28,
+        "in_channels": 1,
+        "out_channels": 1,
         "block_out_channels": [32, 64, 64],
         "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
         "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
-        "layers_per_block": 2, "norm_num_groups": 32, "num_class_embeds": 10,
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "num_class_embeds": 10,
     },
     "flagship": None,  # TrainConfig().unet_kwargs(), filled in by unet_config()
 }
 
 LR = 1e-3  # both optimisers: AdamW(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0)
 
-THROUGHPUT_HEAD = ["config", "batch", "xpdiff ms", "torch ms", "xpdiff samp/s", "torch samp/s",
-                   "xpdiff/torch"]
+THROUGHPUT_HEAD = [
+    "config",
+    "batch",
+    "xpdiff ms",
+    "torch ms",
+    "xpdiff samp/s",
+    "torch samp/s",
+    "xpdiff/torch",
+]
 
 
 # ---------------------------------------------------------------------------
@@ -53,16 +68,25 @@ def unet_config(name: str) -> dict:
 
 def print_table(title: str, headers: list[str], rows: list[list[Any]]) -> None:
     cells = [[str(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
-              for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)
+    ]
     line = "  ".join("-" * w for w in widths)
     print(f"\n## {title}")
-    print("  ".join(h.ljust(w) if i == 0 else h.rjust(w)
-                    for i, (h, w) in enumerate(zip(headers, widths, strict=True))))
+    print(
+        "  ".join(
+            h.ljust(w) if i == 0 else h.rjust(w)
+            for i, (h, w) in enumerate(zip(headers, widths, strict=True))
+        )
+    )
     print(line)
     for r in cells:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                        for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+        print(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
     sys.stdout.flush()
 
 
@@ -78,8 +102,9 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def alternate(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int
-              ) -> dict[str, list[float]]:
+def alternate(
+    fns: dict[str, Callable[[], Any]], warmup: int, repeats: int
+) -> dict[str, list[float]]:
     """Run the callables in turn (a, b, a, b, ...); ``warmup`` untimed rounds first.
 
     Each callable must finish its work (synchronise a device) before returning.
@@ -127,8 +152,14 @@ def diffusers_model(cfg: dict) -> Any:
 class XpdiffRunner:
     """xpdiff UNet2DModel + AdamW on namespace ``xp``, with fixed inputs."""
 
-    def __init__(self, cfg: dict, xp: Any, inputs: dict, state: dict | None = None,
-                 sync: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        cfg: dict,
+        xp: Any,
+        inputs: dict,
+        state: dict | None = None,
+        sync: Callable[[], None] | None = None,
+    ):
         from xpdiff import backend
         from xpdiff.models import UNet2DModel
         from xpdiff.nn import init
@@ -206,8 +237,9 @@ class TorchRunner:
         return y
 
 
-def build_pair(cfg: dict, batch: int, xp: Any, device: str = "cpu",
-               sync: Callable[[], None] | None = None) -> tuple[XpdiffRunner, TorchRunner]:
+def build_pair(
+    cfg: dict, batch: int, xp: Any, device: str = "cpu", sync: Callable[[], None] | None = None
+) -> tuple[XpdiffRunner, TorchRunner]:
     """Both runners with diffusers' torch.manual_seed(0) weights and the same inputs."""
     d = diffusers_model(cfg)
     state = {k: v.detach().cpu().numpy() for k, v in d.state_dict().items()}
@@ -226,19 +258,36 @@ def forward_agreement(xr: XpdiffRunner, tr: TorchRunner) -> float:
     return float(np.abs(a - b).max())
 
 
-def throughput_rows(name: str, batch: int, times: dict[str, list[float]],
-                    agree: float | None = None, with_agree: bool = False
-                    ) -> tuple[list[Any], dict]:
+def throughput_rows(
+    name: str,
+    batch: int,
+    times: dict[str, list[float]],
+    agree: float | None = None,
+    with_agree: bool = False,
+) -> tuple[list[Any], dict]:
     """One table row and the JSON record; ``times`` may lack "torch" (no reference)."""
     tx = median(times["xpdiff"])
     tt = median(times["torch"]) if times.get("torch") else None
     sx, st = batch / tx, (batch / tt if tt else None)
-    rec = {"batch": batch, "xpdiff_s": times["xpdiff"], "torch_s": times.get("torch"),
-           "xpdiff_median_s": tx, "torch_median_s": tt,
-           "xpdiff_samples_per_s": sx, "torch_samples_per_s": st,
-           "ratio": sx / st if st else None}
-    row = [name, batch, fmt(tx * 1e3), fmt(tt * 1e3 if tt else None), fmt(sx), fmt(st),
-           ratio(sx, st)]
+    rec = {
+        "batch": batch,
+        "xpdiff_s": times["xpdiff"],
+        "torch_s": times.get("torch"),
+        "xpdiff_median_s": tx,
+        "torch_median_s": tt,
+        "xpdiff_samples_per_s": sx,
+        "torch_samples_per_s": st,
+        "ratio": sx / st if st else None,
+    }
+    row = [
+        name,
+        batch,
+        fmt(tx * 1e3),
+        fmt(tt * 1e3 if tt else None),
+        fmt(sx),
+        fmt(st),
+        ratio(sx, st),
+    ]
     if with_agree:
         rec["forward_max_abs_diff"] = agree
         row.append("n/a" if agree is None else f"{agree:.1e}")

@@ -33,8 +33,18 @@ def section_memory(names: list[str], args: argparse.Namespace, results: dict) ->
         rec = {}
         for fw in ("xpdiff", "torch"):
             print(f"[{name}] memory probe: {fw} in a subprocess ...", flush=True)
-            cmd = [sys.executable, str(BENCH_SCRIPT), "--_memprobe", fw,
-                   "--config", name, "--batch", str(args.batch), "--threads", str(args.threads)]
+            cmd = [
+                sys.executable,
+                str(BENCH_SCRIPT),
+                "--_memprobe",
+                fw,
+                "--config",
+                name,
+                "--batch",
+                str(args.batch),
+                "--threads",
+                str(args.threads),
+            ]
             p = subprocess.run(cmd, capture_output=True, text=True)
             if p.returncode != 0:
                 print(p.stderr[-2000:], file=sys.stderr)
@@ -50,12 +60,35 @@ def section_memory(names: list[str], args: argparse.Namespace, results: dict) ->
         xp_, tp_ = mb("xpdiff", "peak_kb"), mb("torch", "peak_kb")
         x1, t1 = mb("xpdiff", "first_step_kb"), mb("torch", "first_step_kb")
         xb, tb = mb("xpdiff", "baseline_kb"), mb("torch", "baseline_kb")
-        rows.append([name, args.batch, fmt(xp_), fmt(tp_), ratio(xp_, tp_), fmt(x1), fmt(t1),
-                     fmt(xb, 0), fmt(tb, 0)])
-    print_table("Peak RSS above the built model over two training steps (MiB; each framework "
-                "in its own process)",
-                ["config", "batch", "xpdiff peak", "torch peak", "xpdiff/torch", "xpdiff 1st",
-                 "torch 1st", "xpdiff base", "torch base"], rows)
+        rows.append(
+            [
+                name,
+                args.batch,
+                fmt(xp_),
+                fmt(tp_),
+                ratio(xp_, tp_),
+                fmt(x1),
+                fmt(t1),
+                fmt(xb, 0),
+                fmt(tb, 0),
+            ]
+        )
+    print_table(
+        "Peak RSS above the built model over two training steps (MiB; each framework "
+        "in its own process)",
+        [
+            "config",
+            "batch",
+            "xpdiff peak",
+            "torch peak",
+            "xpdiff/torch",
+            "xpdiff 1st",
+            "torch 1st",
+            "xpdiff base",
+            "torch base",
+        ],
+        rows,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -104,9 +137,15 @@ def memprobe(fw: str, name: str, batch: int, threads: int) -> None:
         s0 = _proc_status()
         runner.train_step()  # first step: also allocates the AdamW moments
         s1 = _proc_status()
-        out = {"framework": fw, "config": name, "batch": batch, "hwm_reset": can_reset,
-               "baseline_kb": s0["VmRSS"], "hwm_before_first_kb": s0["VmHWM"],
-               "first_step_kb": s1["VmHWM"] - s0["VmRSS"]}
+        out = {
+            "framework": fw,
+            "config": name,
+            "batch": batch,
+            "hwm_reset": can_reset,
+            "baseline_kb": s0["VmRSS"],
+            "hwm_before_first_kb": s0["VmHWM"],
+            "first_step_kb": s1["VmHWM"] - s0["VmRSS"],
+        }
         # second step: its own increase over the RSS it starts from (allocator-dependent:
         # memory a library keeps after step 1 is reused without raising the mark) ...
         reset2 = _reset_hwm()

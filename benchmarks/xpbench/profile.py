@@ -222,8 +222,9 @@ def _named_copies(fn: Callable, home: Any) -> list[tuple[Any, str]]:
     sites = []
     for ref in gc.get_referrers(fn):
         modname = ref.get("__name__") if isinstance(ref, dict) else None
-        if not isinstance(modname, str) or not (modname == "xpdiff"
-                                                 or modname.startswith("xpdiff.")):
+        if not isinstance(modname, str) or not (
+            modname == "xpdiff" or modname.startswith("xpdiff.")
+        ):
             continue
         mod = sys.modules.get(modname)
         if mod is None or mod is home or vars(mod) is not ref:
@@ -232,8 +233,9 @@ def _named_copies(fn: Callable, home: Any) -> list[tuple[Any, str]]:
     return sites
 
 
-def resolve_ops(ops: tuple[tuple[str, str], ...] = OPS
-                ) -> tuple[list[tuple[str, Any, Callable]], list[str]]:
+def resolve_ops(
+    ops: tuple[tuple[str, str], ...] = OPS,
+) -> tuple[list[tuple[str, Any, Callable]], list[str]]:
     """The ops of the table that exist, as (name, module, function), and a note for each
     row skipped."""
     found, skipped = [], []
@@ -288,8 +290,10 @@ def section_layers(name: str, xr: XpdiffRunner, res: dict, args: argparse.Namesp
     ops = sorted(rec.time, key=lambda k: -rec.time[k])
     res["layers"] = {
         "step_s": total,
-        "ops": {k: {"s": rec.time[k], "calls": rec.calls[k], "flops": rec.flops.get(k, 0.0)}
-                for k in ops},
+        "ops": {
+            k: {"s": rec.time[k], "calls": rec.calls[k], "flops": rec.flops.get(k, 0.0)}
+            for k in ops
+        },
         "other_s": total - sum(rec.time.values()),
         "flops_per_step": sum(rec.flops.values()),
     }
@@ -302,14 +306,41 @@ def print_layers(name: str, lay: dict, train: dict | None, gemm: dict | None) ->
     rows = []
     for k, v in lay["ops"].items():
         gf = f"{v['flops'] / v['s'] / 1e9:.1f}" if v["flops"] and v["s"] > 0 else ""
-        rows.append([k, v["calls"], fmt(v["s"] * 1e3), f"{100 * v['s'] / total:.1f}",
-                     f"{v['flops'] / 1e9:.2f}" if v["flops"] else "", gf])
-    rows.append(["other (glue)", "", fmt(lay["other_s"] * 1e3),
-                 f"{100 * lay['other_s'] / total:.1f}", "", ""])
-    rows.append(["total (instrumented step)", "", fmt(total * 1e3), "100.0",
-                 f"{lay['flops_per_step'] / 1e9:.2f}", ""])
-    print_table(f"[{name}] xpdiff training step by op (one step, exclusive time)",
-                ["op", "calls", "ms", "%", "GFLOP", "GFLOP/s"], rows)
+        rows.append(
+            [
+                k,
+                v["calls"],
+                fmt(v["s"] * 1e3),
+                f"{100 * v['s'] / total:.1f}",
+                f"{v['flops'] / 1e9:.2f}" if v["flops"] else "",
+                gf,
+            ]
+        )
+    rows.append(
+        [
+            "other (glue)",
+            "",
+            fmt(lay["other_s"] * 1e3),
+            f"{100 * lay['other_s'] / total:.1f}",
+            "",
+            "",
+        ]
+    )
+    rows.append(
+        [
+            "total (instrumented step)",
+            "",
+            fmt(total * 1e3),
+            "100.0",
+            f"{lay['flops_per_step'] / 1e9:.2f}",
+            "",
+        ]
+    )
+    print_table(
+        f"[{name}] xpdiff training step by op (one step, exclusive time)",
+        ["op", "calls", "ms", "%", "GFLOP", "GFLOP/s"],
+        rows,
+    )
     flops = lay["flops_per_step"]
     peak = (gemm or {}).get("peak_numpy_gflops")
     lines = [f"counted FLOPs per step (conv/linear/attention matmuls): {flops / 1e9:.2f} GFLOP"]

@@ -31,17 +31,24 @@ def section_speed(names: list[str], args: argparse.Namespace, results: dict) -> 
         res["num_parameters"] = xr.model.num_parameters()
         agree = forward_agreement(xr, tr)
         if "infer" in args.sections:
-            print(f"[{name}] inference: {args.warmup} warm-up + {args.repeats} alternated "
-                  "repeats ...", flush=True)
-            times = alternate({"xpdiff": xr.forward, "torch": tr.forward},
-                              args.warmup, args.repeats)
+            print(
+                f"[{name}] inference: {args.warmup} warm-up + {args.repeats} alternated "
+                "repeats ...",
+                flush=True,
+            )
+            times = alternate(
+                {"xpdiff": xr.forward, "torch": tr.forward}, args.warmup, args.repeats
+            )
             row, res["infer"] = throughput_rows(name, args.batch, times, agree, True)
             infer_rows.append(row)
         if "train" in args.sections:
-            print(f"[{name}] training: {args.warmup} warm-up + {args.repeats} alternated "
-                  "repeats ...", flush=True)
-            times = alternate({"xpdiff": xr.train_step, "torch": tr.train_step},
-                              args.warmup, args.repeats)
+            print(
+                f"[{name}] training: {args.warmup} warm-up + {args.repeats} alternated repeats ...",
+                flush=True,
+            )
+            times = alternate(
+                {"xpdiff": xr.train_step, "torch": tr.train_step}, args.warmup, args.repeats
+            )
             row, res["train"] = throughput_rows(name, args.batch, times)
             train_rows.append(row)
         if "layers" in args.sections:
@@ -50,12 +57,19 @@ def section_speed(names: list[str], args: argparse.Namespace, results: dict) -> 
         del xr, tr
         gc.collect()
     if infer_rows:
-        print_table(f"Inference (forward only, no_grad), CPU, {args.threads} threads, "
-                    f"median of {args.repeats}", THROUGHPUT_HEAD + ["fwd max|diff|"],
-                    infer_rows)
+        print_table(
+            f"Inference (forward only, no_grad), CPU, {args.threads} threads, "
+            f"median of {args.repeats}",
+            THROUGHPUT_HEAD + ["fwd max|diff|"],
+            infer_rows,
+        )
     if train_rows:
-        print_table(f"Training step (fwd + MSE + bwd + AdamW), CPU, {args.threads} threads, "
-                    f"median of {args.repeats}", THROUGHPUT_HEAD, train_rows)
+        print_table(
+            f"Training step (fwd + MSE + bwd + AdamW), CPU, {args.threads} threads, "
+            f"median of {args.repeats}",
+            THROUGHPUT_HEAD,
+            train_rows,
+        )
     for name in names:
         lay = results["configs"][name].get("layers")
         if lay:

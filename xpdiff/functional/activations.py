@@ -49,7 +49,7 @@ def silu_forward(x: Any) -> tuple[Any, SiluCache]:
 def silu_backward(cache: SiluCache, gy: Any) -> Any:
     """``dy/dx = s (1 + x (1 - s))`` with ``s = sigmoid(x)``."""
     x, s = cache.x, cache.s
-    d = 1.0 - s                 # one temporary, updated in place
+    d = 1.0 - s  # one temporary, updated in place
     d *= x
     d += 1.0
     d *= s

@@ -27,13 +27,13 @@ __all__ = ["SdpaCache", "sdpa_backward", "sdpa_forward"]
 class SdpaCache:
     """What ``sdpa_backward`` needs: the inputs, the output and the softmax row statistics."""
 
-    q: Any              # (B, N, h, d)
-    k: Any              # (B, M, h, d)
-    v: Any              # (B, M, h, d)
-    o: Any              # (B, N, h, d)
+    q: Any  # (B, N, h, d)
+    k: Any  # (B, M, h, d)
+    v: Any  # (B, M, h, d)
+    o: Any  # (B, N, h, d)
     scale: float
-    row_max: Any        # (B, h, N, 1): max_j scale q_i . k_j
-    inv_sum: Any        # (B, h, N, 1): 1 / sum_j exp(scale q_i . k_j - row_max)
+    row_max: Any  # (B, h, N, 1): max_j scale q_i . k_j
+    inv_sum: Any  # (B, h, N, 1): 1 / sum_j exp(scale q_i . k_j - row_max)
 
 
 def _heads(t: Any) -> Any:
@@ -51,7 +51,7 @@ def _tile(q: Any, k: Any, arrays: int) -> int:
 
 def _probabilities(q: Any, k: Any, scale: float, row_max: Any, inv_sum: Any) -> Any:
     """``exp(scale * q k^T - row_max) * inv_sum`` for (n, h, N, d) views, in place."""
-    s = (q * scale) @ k.mT      # scale the (N, d) operand, not the (N, M) product
+    s = (q * scale) @ k.mT  # scale the (N, d) operand, not the (N, M) product
     s -= row_max
     p = backend.exp_inplace(s)
     p *= inv_sum
@@ -82,7 +82,7 @@ def sdpa_forward(q: Any, k: Any, v: Any, scale: float) -> tuple[Any, SdpaCache]:
         e = backend.exp_inplace(s)
         del s
         r = 1.0 / xp.sum(e, axis=-1, keepdims=True)
-        e *= r                  # now p, exactly as _probabilities recomputes it
+        e *= r  # now p, exactly as _probabilities recomputes it
         o[t, ...] = _heads(e @ _heads(v[t, ...]))
         row_max[t, ...] = m
         inv_sum[t, ...] = r
@@ -112,7 +112,7 @@ def sdpa_backward(cache: SdpaCache, go: Any) -> tuple[Any, Any, Any]:
         g = _heads(go[t, ...])
         p = _probabilities(q, k, c.scale, c.row_max[t, ...], c.inv_sum[t, ...])
         gv[t, ...] = _heads(p.mT @ g)
-        gs = g @ v.mT           # gp, turned into gs in place
+        gs = g @ v.mT  # gp, turned into gs in place
         gs -= xp.sum(g * _heads(c.o[t, ...]), axis=-1, keepdims=True)
         gs *= p
         del p

@@ -101,8 +101,7 @@ def col2im(
     Ho = conv_output_size(H, kh, stride, pad)
     Wo = conv_output_size(W, kw, stride, pad)
     c6 = xp.reshape(cols, (B, Ho, Wo, kh, kw, C))
-    gx = xp.zeros((B, H + 2 * pad, W + 2 * pad, C), dtype=cols.dtype,
-                  device=backend.device(cols))
+    gx = xp.zeros((B, H + 2 * pad, W + 2 * pad, C), dtype=cols.dtype, device=backend.device(cols))
     for i in range(kh):
         for j in range(kw):
             rows = slice(i, i + stride * (Ho - 1) + 1, stride)
@@ -156,12 +155,12 @@ def _itemsize(x: Any) -> int:
 class Conv2dCache:
     """What ``conv2d_backward`` needs: the channels-last input, the kernel and the geometry."""
 
-    x: Any              # (B, H, W, C) channels-last input
-    w: Any              # (O, C, kh, kw)
+    x: Any  # (B, H, W, C) channels-last input
+    w: Any  # (O, C, kh, kw)
     stride: int
     pad: int
     has_bias: bool
-    layout: str         # layout of the caller's arrays
+    layout: str  # layout of the caller's arrays
 
 
 def conv2d_forward(
@@ -186,7 +185,7 @@ def conv2d_forward(
     O, _, kh, kw = w.shape
     y = _tiled_conv(x, _kernel_matrix(w), kh, kw, stride, pad)
     if b is not None:
-        y += b                  # y is a fresh array; broadcast over the last axis
+        y += b  # y is a fresh array; broadcast over the last axis
     if layout == "NCHW":
         y = to_channels_first(y)
     return y, Conv2dCache(x, w, stride, pad, b is not None, layout)
@@ -239,7 +238,7 @@ def conv2d_backward(cache: Conv2dCache, gy: Any) -> tuple[Any, Any, Any | None]:
         per_bytes = (per_out * kh * kw * C + per_in * kh * kw * O) * _itemsize(x)
         parts = backend.map_tiles(tile, B, backend.tile_samples(per_bytes, B, xp), xp)
         gwm = parts[0]
-        for part in parts[1:]:      # in tile order: the same sum on every schedule
+        for part in parts[1:]:  # in tile order: the same sum on every schedule
             gwm += part
     gw = xp.permute_dims(xp.reshape(gwm, (kh, kw, C, O)), (3, 2, 0, 1))
     if cache.layout == "NCHW":

@@ -15,7 +15,7 @@ __all__ = ["EmbeddingCache", "embedding_backward", "embedding_forward", "timeste
 class EmbeddingCache:
     """What ``embedding_backward`` needs: the looked-up indices and the table's length."""
 
-    idx: Any            # (N,) integers
+    idx: Any  # (N,) integers
     num: int
 
 

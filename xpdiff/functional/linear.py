@@ -14,8 +14,8 @@ __all__ = ["LinearCache", "linear_backward", "linear_forward"]
 class LinearCache:
     """What ``linear_backward`` needs."""
 
-    x: Any              # (..., in) input
-    w: Any              # (out, in)
+    x: Any  # (..., in) input
+    w: Any  # (out, in)
     has_bias: bool
 
 
@@ -29,7 +29,7 @@ def linear_forward(x: Any, w: Any, b: Any | None) -> tuple[Any, LinearCache]:
     lead = tuple(x.shape[:-1])
     y = xp.reshape(x, (-1, w.shape[1])) @ w.T
     if b is not None:
-        y += b                  # y is the fresh product
+        y += b  # y is the fresh product
     return xp.reshape(y, (*lead, w.shape[0])), LinearCache(x, w, b is not None)
 
 

@@ -21,13 +21,13 @@ __all__ = ["GroupNormCache", "group_norm_backward", "group_norm_forward"]
 class GroupNormCache:
     """What ``group_norm_backward`` needs; ``xhat`` and ``inv`` are in the view of ``_view``."""
 
-    xhat: Any           # normalised input: (B, G, Cg*S) for NCHW, (B, S, C) for NHWC
-    inv: Any            # 1 / sqrt(var + eps), broadcastable to xhat
-    w: Any | None       # (C,) or None
-    shape: tuple        # the input's shape
+    xhat: Any  # normalised input: (B, G, Cg*S) for NCHW, (B, S, C) for NHWC
+    inv: Any  # 1 / sqrt(var + eps), broadcastable to xhat
+    w: Any | None  # (C,) or None
+    shape: tuple  # the input's shape
     layout: str
     num_groups: int
-    s: Any | None = None    # sigmoid of the normalised output when SiLU is fused, else None
+    s: Any | None = None  # sigmoid of the normalised output when SiLU is fused, else None
     out: Any | None = None  # the returned output when SiLU is fused (shared, not a copy)
 
 
@@ -58,9 +58,9 @@ def _group_mean(a: Any, num_groups: int, layout: str) -> Any:
     B, S, C = a.shape
     Cg = C // num_groups
     ones = xp.ones((1, S), dtype=a.dtype, device=backend.device(a))
-    per_channel = ones @ a                                            # (B, 1, C)
+    per_channel = ones @ a  # (B, 1, C)
     g = xp.sum(xp.reshape(per_channel, (B, num_groups, Cg)), axis=2, keepdims=True)
-    g = g / (S * Cg)                                                  # (B, G, 1)
+    g = g / (S * Cg)  # (B, G, 1)
     return xp.reshape(xp.broadcast_to(g, (B, num_groups, Cg)), (B, 1, C))
 
 
@@ -86,8 +86,14 @@ def _tile(shape: tuple, dtype: Any, xp: Any) -> int:
 
 
 def group_norm_forward(
-    x: Any, num_groups: int, w: Any | None, b: Any | None, eps: float, layout: str = "NCHW",
-    activation: str | None = None, keep_cache: bool = True,
+    x: Any,
+    num_groups: int,
+    w: Any | None,
+    b: Any | None,
+    eps: float,
+    layout: str = "NCHW",
+    activation: str | None = None,
+    keep_cache: bool = True,
 ) -> tuple[Any, GroupNormCache | None]:
     """Normalise each of ``num_groups`` channel groups per sample, then scale and shift.
 
@@ -125,7 +131,7 @@ def group_norm_forward(
         xt = x[t, ...]
         tshape = tuple(xt.shape)
         xr = xp.reshape(xt, (tshape[0], *vshape[1:]))
-        xh = xr - _group_mean(xr, num_groups, layout)   # fresh: centred, then scaled
+        xh = xr - _group_mean(xr, num_groups, layout)  # fresh: centred, then scaled
         it = 1.0 / xp.sqrt(_group_mean(xh * xh, num_groups, layout) + eps)
         xh *= it
         if keep_cache:
@@ -136,10 +142,10 @@ def group_norm_forward(
             yt = yt * wc
             yt += bc
         elif activation:
-            yt = yt * 1.0       # a view of xh, which must keep its values: work on a copy
+            yt = yt * 1.0  # a view of xh, which must keep its values: work on a copy
         if activation:
             st = sigmoid(yt)
-            yt *= st            # silu, in place on the fresh yt
+            yt *= st  # silu, in place on the fresh yt
             if keep_cache:
                 s[t, ...] = st
         y[t, ...] = yt
@@ -189,15 +195,15 @@ def group_norm_backward(cache: GroupNormCache, gy: Any) -> tuple[Any, Any | None
         gxhat = xp.reshape(g, tuple(xh.shape))
         m1 = _group_mean(gxhat, G, layout)
         m2 = _group_mean(gxhat * xh, G, layout)
-        gt = xh * m2            # fresh array; gxhat may be a view of gy, so not that one
+        gt = xh * m2  # fresh array; gxhat may be a view of gy, so not that one
         gt -= gxhat
         gt += m1
-        gt *= -c.inv[t, ...]    # inv * (gxhat - m1 - xhat * m2)
+        gt *= -c.inv[t, ...]  # inv * (gxhat - m1 - xhat * m2)
         gx[t, ...] = xp.reshape(gt, tshape)
         return sb, sw
 
     parts = backend.map_tiles(tile, shape[0], _tile(shape, gy.dtype, xp), xp)
-    if c.w is not None:         # summed in tile order: the same on every schedule
+    if c.w is not None:  # summed in tile order: the same on every schedule
         gb, gw = parts[0]
         for sb, sw in parts[1:]:
             gb = gb + sb

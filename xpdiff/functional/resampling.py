@@ -81,15 +81,15 @@ def upsample_nearest_backward(cache: UpsampleCache, gy: Any) -> Any:
     Ho, Wo = gy.shape[ah], gy.shape[aw]
     if Ho == 2 * H and Wo == 2 * W:
         wide = list(shape)
-        wide[aw:aw + 1] = [W, 2]
-        wide[ah:ah + 1] = [H, 2]
+        wide[aw : aw + 1] = [W, 2]
+        wide[ah : ah + 1] = [H, 2]
         return xp.sum(xp.reshape(gy, tuple(wide)), axis=(ah + 1, aw + 2))
     mw = _one_hot(nearest_indices(W, Wo), W, gy)  # (Wo, W)
     mh = _one_hot(nearest_indices(H, Ho), H, gy)  # (Ho, H)
     # bring H, W last, apply both adjoint selections as products, then put them back
     order = [a for a in range(4) if a not in (ah, aw)] + [ah, aw]
-    g = xp.permute_dims(gy, tuple(order)) @ mw                 # (., ., Ho, W)
-    g = xp.permute_dims(g, (0, 1, 3, 2)) @ mh                  # (., ., W, H)
-    g = xp.permute_dims(g, (0, 1, 3, 2))                       # (., ., H, W)
+    g = xp.permute_dims(gy, tuple(order)) @ mw  # (., ., Ho, W)
+    g = xp.permute_dims(g, (0, 1, 3, 2)) @ mh  # (., ., W, H)
+    g = xp.permute_dims(g, (0, 1, 3, 2))  # (., ., H, W)
     back = [order.index(a) for a in range(4)]
     return xp.permute_dims(g, tuple(back))

@@ -73,10 +73,18 @@ class UNet2DModel(Module, ConfigMixin):
         freq_shift: int = 0,
         flip_sin_to_cos: bool = True,
         down_block_types: tuple[str, ...] = (
-            "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+            "DownBlock2D",
+            "AttnDownBlock2D",
+            "AttnDownBlock2D",
+            "AttnDownBlock2D",
+        ),
         mid_block_type: str | None = "UNetMidBlock2D",
         up_block_types: tuple[str, ...] = (
-            "AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+            "AttnUpBlock2D",
+            "AttnUpBlock2D",
+            "AttnUpBlock2D",
+            "UpBlock2D",
+        ),
         block_out_channels: tuple[int, ...] = (224, 448, 672, 896),
         layers_per_block: int = 2,
         mid_block_scale_factor: float = 1,
@@ -131,7 +139,8 @@ class UNet2DModel(Module, ConfigMixin):
         self.time_embedding = TimestepEmbedding(ch[0], time_embed_dim, dtype=dtype, xp=xp)
         self.class_embedding = (
             Embedding(num_class_embeds, time_embed_dim, dtype=dtype, xp=xp)
-            if num_class_embeds else None
+            if num_class_embeds
+            else None
         )
 
         # 2. down path
@@ -139,20 +148,36 @@ class UNet2DModel(Module, ConfigMixin):
         out = ch[0]
         for i, block_type in enumerate(down_block_types):
             inp, out = out, ch[i]
-            self.down_blocks.append(get_down_block(
-                block_type, in_channels=inp, out_channels=out, temb_channels=time_embed_dim,
-                num_layers=layers_per_block, resnet_eps=norm_eps, resnet_groups=norm_num_groups,
-                attention_head_dim=attention_head_dim or out,
-                add_downsample=i < len(ch) - 1, downsample_padding=downsample_padding, **kw))
+            self.down_blocks.append(
+                get_down_block(
+                    block_type,
+                    in_channels=inp,
+                    out_channels=out,
+                    temb_channels=time_embed_dim,
+                    num_layers=layers_per_block,
+                    resnet_eps=norm_eps,
+                    resnet_groups=norm_num_groups,
+                    attention_head_dim=attention_head_dim or out,
+                    add_downsample=i < len(ch) - 1,
+                    downsample_padding=downsample_padding,
+                    **kw,
+                )
+            )
 
         # 3. middle
         self.mid_block = None
         if mid_block_type is not None:
             self.mid_block = UNetMidBlock2D(
-                in_channels=ch[-1], temb_channels=time_embed_dim, resnet_eps=norm_eps,
-                resnet_groups=norm_num_groups, attn_groups=attn_norm_num_groups,
+                in_channels=ch[-1],
+                temb_channels=time_embed_dim,
+                resnet_eps=norm_eps,
+                resnet_groups=norm_num_groups,
+                attn_groups=attn_norm_num_groups,
                 attention_head_dim=attention_head_dim or ch[-1],
-                output_scale_factor=mid_block_scale_factor, add_attention=add_attention, **kw)
+                output_scale_factor=mid_block_scale_factor,
+                add_attention=add_attention,
+                **kw,
+            )
 
         # 4. up path
         self.up_blocks = ModuleList()
@@ -161,17 +186,27 @@ class UNet2DModel(Module, ConfigMixin):
         for i, block_type in enumerate(up_block_types):
             prev, out = out, rev[i]
             inp = rev[min(i + 1, len(ch) - 1)]
-            self.up_blocks.append(get_up_block(
-                block_type, in_channels=inp, prev_output_channel=prev, out_channels=out,
-                temb_channels=time_embed_dim, num_layers=layers_per_block + 1,
-                resnet_eps=norm_eps, resnet_groups=norm_num_groups,
-                attention_head_dim=attention_head_dim or out,
-                add_upsample=i < len(ch) - 1, **kw))
+            self.up_blocks.append(
+                get_up_block(
+                    block_type,
+                    in_channels=inp,
+                    prev_output_channel=prev,
+                    out_channels=out,
+                    temb_channels=time_embed_dim,
+                    num_layers=layers_per_block + 1,
+                    resnet_eps=norm_eps,
+                    resnet_groups=norm_num_groups,
+                    attention_head_dim=attention_head_dim or out,
+                    add_upsample=i < len(ch) - 1,
+                    **kw,
+                )
+            )
 
         # 5. output
         # conv_norm_out carries the SiLU (diffusers' separate conv_act has no parameters)
-        self.conv_norm_out = GroupNorm(norm_num_groups, ch[0], eps=norm_eps, activation="silu",
-                                       **kw)
+        self.conv_norm_out = GroupNorm(
+            norm_num_groups, ch[0], eps=norm_eps, activation="silu", **kw
+        )
         self.conv_out = Conv2d(ch[0], out_channels, 3, padding=1, **kw)
 
     # ------------------------------------------------------------------
@@ -191,7 +226,8 @@ class UNet2DModel(Module, ConfigMixin):
             raise ValueError(
                 f"UNet2DModel: dropout={self.config['dropout']} is only supported at inference "
                 f"(dropout is the identity there); training with dropout is not implemented: "
-                f"run under xpdiff.no_grad(), or build the model with dropout=0.0")
+                f"run under xpdiff.no_grad(), or build the model with dropout=0.0"
+            )
 
         def number(v: Any) -> int | float:
             if hasattr(v, "shape") and hasattr(v, "dtype") and tuple(v.shape) == ():
@@ -202,13 +238,17 @@ class UNet2DModel(Module, ConfigMixin):
                 except TypeError:
                     if isinstance(v, numbers.Real):
                         return float(v)
-            raise TypeError(f"UNet2DModel: expected an integer or real timestep (a number, "
-                            f"a list of numbers or an array), got {timestep!r}")
+            raise TypeError(
+                f"UNet2DModel: expected an integer or real timestep (a number, "
+                f"a list of numbers or an array), got {timestep!r}"
+            )
 
         def own(a: Any) -> bool:  # an array of the model's namespace and device?
             try:
-                return (backend.get_namespace(a, self.conv_in.weight.data) is xp
-                        and backend.device(a) == dev)
+                return (
+                    backend.get_namespace(a, self.conv_in.weight.data) is xp
+                    and backend.device(a) == dev
+                )
             except (TypeError, ValueError):
                 return False
 
@@ -218,8 +258,9 @@ class UNet2DModel(Module, ConfigMixin):
             t = backend.asarray(values, xp, dtype=xp.int64 if ints else xp.float32, device=dev)
         elif not hasattr(timestep, "shape") or (tuple(timestep.shape) == () and not own(timestep)):
             v = number(timestep)
-            t = xp.full((batch,), v, device=dev,
-                        dtype=xp.int64 if isinstance(v, int) else xp.float32)
+            t = xp.full(
+                (batch,), v, device=dev, dtype=xp.int64 if isinstance(v, int) else xp.float32
+            )
         else:
             t = timestep if own(timestep) else backend.asarray(timestep, xp, device=dev)
         if t.ndim == 0:
@@ -232,8 +273,10 @@ class UNet2DModel(Module, ConfigMixin):
         elif t.shape[0] == 1:
             t = xp.broadcast_to(t, (batch,))
         if not (xp.isdtype(t.dtype, "integral") or xp.isdtype(t.dtype, "real floating")):
-            raise TypeError(f"UNet2DModel: expected integer or real timesteps, got dtype "
-                            f"{backend.dtype_name(t.dtype)}")
+            raise TypeError(
+                f"UNet2DModel: expected integer or real timesteps, got dtype "
+                f"{backend.dtype_name(t.dtype)}"
+            )
         if not backend.on_host(t):  # no device read in a CuPy forward; entry points check
             return t
         lo, hi = float(xp.min(t)), float(xp.max(t))
@@ -252,8 +295,14 @@ class UNet2DModel(Module, ConfigMixin):
         Returns (B, out_channels, H, W) in the model's dtype.
         """
         cfg = self.config
-        xp = check_input("UNet2DModel", sample, like=self.conv_in.weight.data, ndim=4,
-                         size=cfg["in_channels"], layout="(B, C, H, W)")
+        xp = check_input(
+            "UNet2DModel",
+            sample,
+            like=self.conv_in.weight.data,
+            ndim=4,
+            size=cfg["in_channels"],
+            layout="(B, C, H, W)",
+        )
         B = sample.shape[0]
         dev = backend.device(sample)
         if cfg["center_input_sample"]:
@@ -275,8 +324,10 @@ class UNet2DModel(Module, ConfigMixin):
                 )
             emb = emb + self.class_embedding(class_labels)
         elif class_labels is not None:
-            raise ValueError("UNet2DModel: class_labels given but the model has no class "
-                             "embedding (num_class_embeds is None)")
+            raise ValueError(
+                "UNet2DModel: class_labels given but the model has no class "
+                "embedding (num_class_embeds is None)"
+            )
 
         # 2. pre-process, channels-last from here on
         h = self.conv_in(to_channels_last(sample))
@@ -352,18 +403,26 @@ def _checked_args(args: dict) -> dict:
     out["sample_size"] = (
         _v.check_int(w, "sample_size", size, min=1, none=True)
         if not isinstance(size, (list, tuple))
-        else _v.check_int_list(w, "sample_size", size, min=1, length=2))
+        else _v.check_int_list(w, "sample_size", size, min=1, length=2)
+    )
     for key in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups"):
         out[key] = _v.check_int(w, key, args[key], min=1)
-    for key in ("time_embedding_dim", "attention_head_dim", "attn_norm_num_groups",
-                "num_class_embeds", "num_train_timesteps"):
+    for key in (
+        "time_embedding_dim",
+        "attention_head_dim",
+        "attn_norm_num_groups",
+        "num_class_embeds",
+        "num_train_timesteps",
+    ):
         out[key] = _v.check_int(w, key, args[key], min=1, none=True)
-    out["downsample_padding"] = _v.check_int(w, "downsample_padding", args["downsample_padding"],
-                                             min=0)
+    out["downsample_padding"] = _v.check_int(
+        w, "downsample_padding", args["downsample_padding"], min=0
+    )
     for key in ("center_input_sample", "flip_sin_to_cos", "add_attention"):
         out[key] = _v.check_bool(w, key, args[key])
     out["mid_block_scale_factor"] = _v.check_float(
-        w, "mid_block_scale_factor", args["mid_block_scale_factor"], min=0.0, min_open=True)
+        w, "mid_block_scale_factor", args["mid_block_scale_factor"], min=0.0, min_open=True
+    )
     out["norm_eps"] = _v.check_float(w, "norm_eps", args["norm_eps"], min=0.0, min_open=True)
     out["dropout"] = _v.check_float(w, "dropout", args["dropout"], min=0.0)
     ch = _v.check_int_list(w, "block_out_channels", args["block_out_channels"], min=1)
@@ -372,20 +431,27 @@ def _checked_args(args: dict) -> dict:
     out["block_out_channels"] = ch
     for key in ("down_block_types", "up_block_types"):
         types = args[key]
-        if isinstance(types, str) or not isinstance(types, (list, tuple)) or not all(
-                isinstance(t, str) for t in types):
+        if (
+            isinstance(types, str)
+            or not isinstance(types, (list, tuple))
+            or not all(isinstance(t, str) for t in types)
+        ):
             raise _v.ArgumentTypeError(
-                f"{w}: expected {key} to be a list of block type names, got {types!r}")
+                f"{w}: expected {key} to be a list of block type names, got {types!r}"
+            )
         out[key] = list(types)
     shift = _v.check_float(w, "freq_shift", args["freq_shift"])
     if shift == ch[0] // 2:  # the frequencies divide by (block_out_channels[0] // 2 - freq_shift)
-        raise _v.ArgumentError(f"{w}: expected freq_shift to differ from "
-                               f"block_out_channels[0] // 2 = {ch[0] // 2}, got {shift}")
+        raise _v.ArgumentError(
+            f"{w}: expected freq_shift to differ from "
+            f"block_out_channels[0] // 2 = {ch[0] // 2}, got {shift}"
+        )
     for key, chans in (("norm_num_groups", ch), ("attn_norm_num_groups", ch[-1:])):
         groups = out[key]
         if groups is not None and any(c % groups for c in chans):
             raise _v.ArgumentError(
-                f"{w}: expected {key} to divide every channel count {chans}, got {groups}")
+                f"{w}: expected {key} to divide every channel count {chans}, got {groups}"
+            )
     _v.check_dtype(w, args["dtype"], args["xp"])
     return out
 
@@ -405,8 +471,9 @@ def convert_legacy_attention_keys(state: dict) -> dict:
     return out
 
 
-def _save_pretrained(self: UNet2DModel, save_directory: str | os.PathLike, *,
-                     variant: str | None = None) -> None:
+def _save_pretrained(
+    self: UNet2DModel, save_directory: str | os.PathLike, *, variant: str | None = None
+) -> None:
     """Write ``config.json`` and ``diffusion_pytorch_model.safetensors`` (diffusers' layout;
     ``diffusion_pytorch_model.<variant>.safetensors`` with ``variant``), atomically.
 
@@ -422,16 +489,26 @@ def _save_pretrained(self: UNet2DModel, save_directory: str | os.PathLike, *,
         warnings.warn(
             f"UNet2DModel.save_pretrained: sample_size {size} is not divisible by "
             f"2^(levels - 1) = {factor}; xpdiff runs this model but diffusers' UNet2DModel "
-            f"cannot (its upsampled and skip states differ in size)", stacklevel=2)
+            f"cannot (its upsampled and skip states differ in size)",
+            stacklevel=2,
+        )
     directory = Path(save_directory)
-    io.save_safetensors(self.state_dict(), directory / io.weights_name(variant),
-                        metadata={"format": "pt"})
+    io.save_safetensors(
+        self.state_dict(), directory / io.weights_name(variant), metadata={"format": "pt"}
+    )
     self.save_config(directory)
 
 
-def _from_pretrained(cls: type, path: str | os.PathLike, subfolder: str | None = None, *,
-                     variant: str | None = None, dtype: str = "float32", xp: Any = None,
-                     **overrides: Any) -> UNet2DModel:
+def _from_pretrained(
+    cls: type,
+    path: str | os.PathLike,
+    subfolder: str | None = None,
+    *,
+    variant: str | None = None,
+    dtype: str = "float32",
+    xp: Any = None,
+    **overrides: Any,
+) -> UNet2DModel:
     """Load a model saved by ``save_pretrained`` here or by diffusers.
 
     ``subfolder`` (``"unet"`` of a pipeline) is joined to ``path``; ``variant="fp16"``

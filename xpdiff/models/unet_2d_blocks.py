@@ -28,23 +28,30 @@ __all__ = [
 ]
 
 
-def _attention(channels: int, head_dim: int | None, groups: int | None, eps: float,
-               scale: float, kw: dict) -> Attention:
+def _attention(
+    channels: int, head_dim: int | None, groups: int | None, eps: float, scale: float, kw: dict
+) -> Attention:
     head_dim = head_dim or channels
     if channels % head_dim:
         raise ValueError(
             f"Attention: attention_head_dim must divide the channel count, got "
             f"attention_head_dim={head_dim} for {channels} channels"
         )
-    return Attention(channels, heads=channels // head_dim, dim_head=head_dim,
-                     rescale_output_factor=scale, eps=eps, norm_num_groups=groups, **kw)
+    return Attention(
+        channels,
+        heads=channels // head_dim,
+        dim_head=head_dim,
+        rescale_output_factor=scale,
+        eps=eps,
+        norm_num_groups=groups,
+        **kw,
+    )
 
 
 def _check_block(where: str, num_layers: Any, flag: str, value: Any) -> tuple[int, bool]:
     """``num_layers`` and the block's boolean (``add_downsample``...); the resnets and
     attentions check the other arguments."""
-    return (_v.check_int(where, "num_layers", num_layers, min=1),
-            _v.check_bool(where, flag, value))
+    return (_v.check_int(where, "num_layers", num_layers, min=1), _v.check_bool(where, flag, value))
 
 
 def _add_temb(acc: Any, g: Any) -> Any:
@@ -58,17 +65,35 @@ class _Stack(Module):
 
     _with_attention = False
 
-    def _build(self, resnet_in: list[int], out_channels: int, temb_channels: int, eps: float,
-               groups: int, head_dim: int | None, scale: float, kw: dict) -> None:
-        self.resnets = ModuleList([
-            ResnetBlock2D(in_channels=c, out_channels=out_channels, temb_channels=temb_channels,
-                          eps=eps, groups=groups, output_scale_factor=scale, **kw)
-            for c in resnet_in
-        ])
+    def _build(
+        self,
+        resnet_in: list[int],
+        out_channels: int,
+        temb_channels: int,
+        eps: float,
+        groups: int,
+        head_dim: int | None,
+        scale: float,
+        kw: dict,
+    ) -> None:
+        self.resnets = ModuleList(
+            [
+                ResnetBlock2D(
+                    in_channels=c,
+                    out_channels=out_channels,
+                    temb_channels=temb_channels,
+                    eps=eps,
+                    groups=groups,
+                    output_scale_factor=scale,
+                    **kw,
+                )
+                for c in resnet_in
+            ]
+        )
         if self._with_attention:
-            self.attentions = ModuleList([
-                _attention(out_channels, head_dim, groups, eps, scale, kw) for _ in resnet_in
-            ])
+            self.attentions = ModuleList(
+                [_attention(out_channels, head_dim, groups, eps, scale, kw) for _ in resnet_in]
+            )
 
     def _layers(self) -> list[tuple[ResnetBlock2D, Attention | None]]:
         attns = list(self.attentions) if self._with_attention else [None] * len(self.resnets)
@@ -76,25 +101,49 @@ class _Stack(Module):
 
 
 class _DownBlock(_Stack):
-
     def __init__(
-        self, *, in_channels: int, out_channels: int, temb_channels: int, num_layers: int = 1,
-        resnet_eps: float = 1e-6, resnet_groups: int = 32, attention_head_dim: int | None = None,
-        output_scale_factor: float = 1.0, add_downsample: bool = True, downsample_padding: int = 1,
-        layout: str = "NCHW", dtype: str = "float32", xp: Any = None,
+        self,
+        *,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        num_layers: int = 1,
+        resnet_eps: float = 1e-6,
+        resnet_groups: int = 32,
+        attention_head_dim: int | None = None,
+        output_scale_factor: float = 1.0,
+        add_downsample: bool = True,
+        downsample_padding: int = 1,
+        layout: str = "NCHW",
+        dtype: str = "float32",
+        xp: Any = None,
     ):
         super().__init__()
-        num_layers, add_downsample = _check_block(type(self).__name__, num_layers,
-                                                  "add_downsample", add_downsample)
+        num_layers, add_downsample = _check_block(
+            type(self).__name__, num_layers, "add_downsample", add_downsample
+        )
         self.layout = layout
         kw = {"layout": layout, "dtype": dtype, "xp": xp}
-        self._build([in_channels] + [out_channels] * (num_layers - 1), out_channels,
-                    temb_channels, resnet_eps, resnet_groups, attention_head_dim,
-                    output_scale_factor, kw)
+        self._build(
+            [in_channels] + [out_channels] * (num_layers - 1),
+            out_channels,
+            temb_channels,
+            resnet_eps,
+            resnet_groups,
+            attention_head_dim,
+            output_scale_factor,
+            kw,
+        )
         self.downsamplers = (
-            ModuleList([Downsample2D(out_channels, out_channels=out_channels,
-                                     padding=downsample_padding, **kw)])
-            if add_downsample else None
+            ModuleList(
+                [
+                    Downsample2D(
+                        out_channels, out_channels=out_channels, padding=downsample_padding, **kw
+                    )
+                ]
+            )
+            if add_downsample
+            else None
         )
 
     def forward(self, hidden_states: Any, temb: Any) -> tuple[Any, tuple]:
@@ -142,31 +191,58 @@ class AttnDownBlock2D(_DownBlock):
 
 
 class _UpBlock(_Stack):
-
     def __init__(
-        self, *, in_channels: int, prev_output_channel: int, out_channels: int,
-        temb_channels: int, num_layers: int = 1, resnet_eps: float = 1e-6,
-        resnet_groups: int = 32, attention_head_dim: int | None = None,
-        output_scale_factor: float = 1.0, add_upsample: bool = True,
-        layout: str = "NCHW", dtype: str = "float32", xp: Any = None,
+        self,
+        *,
+        in_channels: int,
+        prev_output_channel: int,
+        out_channels: int,
+        temb_channels: int,
+        num_layers: int = 1,
+        resnet_eps: float = 1e-6,
+        resnet_groups: int = 32,
+        attention_head_dim: int | None = None,
+        output_scale_factor: float = 1.0,
+        add_upsample: bool = True,
+        layout: str = "NCHW",
+        dtype: str = "float32",
+        xp: Any = None,
     ):
         super().__init__()
-        num_layers, add_upsample = _check_block(type(self).__name__, num_layers,
-                                                "add_upsample", add_upsample)
+        num_layers, add_upsample = _check_block(
+            type(self).__name__, num_layers, "add_upsample", add_upsample
+        )
         self.layout = layout
         kw = {"layout": layout, "dtype": dtype, "xp": xp}
-        self.skip_channels = [in_channels if i == num_layers - 1 else out_channels
-                              for i in range(num_layers)]
-        self.hidden_channels = [prev_output_channel if i == 0 else out_channels
-                                for i in range(num_layers)]
-        self._build([h + k for h, k in zip(self.hidden_channels, self.skip_channels, strict=True)],
-                    out_channels, temb_channels, resnet_eps, resnet_groups, attention_head_dim,
-                    output_scale_factor, kw)
-        self.upsamplers = (ModuleList([Upsample2D(out_channels, out_channels=out_channels, **kw)])
-                           if add_upsample else None)
+        self.skip_channels = [
+            in_channels if i == num_layers - 1 else out_channels for i in range(num_layers)
+        ]
+        self.hidden_channels = [
+            prev_output_channel if i == 0 else out_channels for i in range(num_layers)
+        ]
+        self._build(
+            [h + k for h, k in zip(self.hidden_channels, self.skip_channels, strict=True)],
+            out_channels,
+            temb_channels,
+            resnet_eps,
+            resnet_groups,
+            attention_head_dim,
+            output_scale_factor,
+            kw,
+        )
+        self.upsamplers = (
+            ModuleList([Upsample2D(out_channels, out_channels=out_channels, **kw)])
+            if add_upsample
+            else None
+        )
 
-    def forward(self, hidden_states: Any, res_hidden_states_tuple: tuple, temb: Any,
-                upsample_size: tuple[int, int] | None = None) -> Any:
+    def forward(
+        self,
+        hidden_states: Any,
+        res_hidden_states_tuple: tuple,
+        temb: Any,
+        upsample_size: tuple[int, int] | None = None,
+    ) -> Any:
         xp = backend.get_namespace(hidden_states)
         res = list(res_hidden_states_tuple)
         h = hidden_states
@@ -217,29 +293,56 @@ class UNetMidBlock2D(Module):
     """resnets.0, then (attentions.i, resnets.i+1) pairs; all at the lowest resolution."""
 
     def __init__(
-        self, *, in_channels: int, temb_channels: int, resnet_eps: float = 1e-6,
-        resnet_groups: int = 32, attn_groups: int | None = None, num_layers: int = 1,
-        attention_head_dim: int | None = None, output_scale_factor: float = 1.0,
-        add_attention: bool = True, layout: str = "NCHW", dtype: str = "float32", xp: Any = None,
+        self,
+        *,
+        in_channels: int,
+        temb_channels: int,
+        resnet_eps: float = 1e-6,
+        resnet_groups: int = 32,
+        attn_groups: int | None = None,
+        num_layers: int = 1,
+        attention_head_dim: int | None = None,
+        output_scale_factor: float = 1.0,
+        add_attention: bool = True,
+        layout: str = "NCHW",
+        dtype: str = "float32",
+        xp: Any = None,
     ):
         super().__init__()
-        num_layers, add_attention = _check_block("UNetMidBlock2D", num_layers, "add_attention",
-                                                 add_attention)
+        num_layers, add_attention = _check_block(
+            "UNetMidBlock2D", num_layers, "add_attention", add_attention
+        )
         kw = {"layout": layout, "dtype": dtype, "xp": xp}
         attn_groups = resnet_groups if attn_groups is None else attn_groups
         self.add_attention = add_attention
-        self.resnets = ModuleList([
-            ResnetBlock2D(in_channels=in_channels, out_channels=in_channels,
-                          temb_channels=temb_channels, eps=resnet_eps, groups=resnet_groups,
-                          output_scale_factor=output_scale_factor, **kw)
-            for _ in range(num_layers + 1)
-        ])
+        self.resnets = ModuleList(
+            [
+                ResnetBlock2D(
+                    in_channels=in_channels,
+                    out_channels=in_channels,
+                    temb_channels=temb_channels,
+                    eps=resnet_eps,
+                    groups=resnet_groups,
+                    output_scale_factor=output_scale_factor,
+                    **kw,
+                )
+                for _ in range(num_layers + 1)
+            ]
+        )
         if add_attention:
-            self.attentions = ModuleList([
-                _attention(in_channels, attention_head_dim, attn_groups, resnet_eps,
-                           output_scale_factor, kw)
-                for _ in range(num_layers)
-            ])
+            self.attentions = ModuleList(
+                [
+                    _attention(
+                        in_channels,
+                        attention_head_dim,
+                        attn_groups,
+                        resnet_eps,
+                        output_scale_factor,
+                        kw,
+                    )
+                    for _ in range(num_layers)
+                ]
+            )
 
     def forward(self, hidden_states: Any, temb: Any) -> Any:
         h = self.resnets[0](hidden_states, temb)

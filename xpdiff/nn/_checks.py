@@ -33,9 +33,7 @@ def check_input(
         raise ValueError(f"{where}: expected a {ndim}-D input{lay}, got shape {shape}")
     needed = axis + 1 if axis >= 0 else -axis
     if size is not None and (len(shape) < needed or shape[axis] != size):
-        raise ValueError(
-            f"{where}: expected size {size} on axis {axis}, got shape {shape}"
-        )
+        raise ValueError(f"{where}: expected size {size} on axis {axis}, got shape {shape}")
     if like is not None and x.dtype != like.dtype:
         raise TypeError(
             f"{where}: expected dtype {backend.dtype_name(like.dtype)} (the layer's weights), "

@@ -53,8 +53,10 @@ class Timesteps(Module):
         downscale_freq_shift = _v.check_float(w, "downscale_freq_shift", downscale_freq_shift)
         half = num_channels // 2  # the frequencies divide by (half - downscale_freq_shift)
         if half and downscale_freq_shift == half:
-            raise _v.ArgumentError(f"{w}: expected downscale_freq_shift to differ from "
-                                   f"num_channels // 2 = {half}, got {downscale_freq_shift}")
+            raise _v.ArgumentError(
+                f"{w}: expected downscale_freq_shift to differ from "
+                f"num_channels // 2 = {half}, got {downscale_freq_shift}"
+            )
         self.num_channels = num_channels
         self.flip_sin_to_cos = flip_sin_to_cos
         self.downscale_freq_shift = downscale_freq_shift
@@ -62,7 +64,10 @@ class Timesteps(Module):
     def forward(self, timesteps: Any, dtype: Any = None) -> Any:
         check_input("Timesteps", timesteps, ndim=1, layout="(N,)")
         return timestep_embedding(
-            timesteps, self.num_channels, self.flip_sin_to_cos, self.downscale_freq_shift,
+            timesteps,
+            self.num_channels,
+            self.flip_sin_to_cos,
+            self.downscale_freq_shift,
             dtype=dtype,
         )
 
@@ -73,8 +78,15 @@ class Timesteps(Module):
 class TimestepEmbedding(Module):
     """``linear_2(silu(linear_1(x)))``: (N, in_channels) -> (N, time_embed_dim)."""
 
-    def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str = "silu", *,
-                 dtype: str = "float32", xp: Any = None):
+    def __init__(
+        self,
+        in_channels: int,
+        time_embed_dim: int,
+        act_fn: str = "silu",
+        *,
+        dtype: str = "float32",
+        xp: Any = None,
+    ):
         super().__init__()
         w = "TimestepEmbedding"
         in_channels = _v.check_int(w, "in_channels", in_channels, min=1)
@@ -103,23 +115,35 @@ class Attention(Module):
     """
 
     def __init__(
-        self, query_dim: int, heads: int = 8, dim_head: int = 64, *,
-        rescale_output_factor: float = 1.0, eps: float = 1e-5, norm_num_groups: int | None = 32,
-        residual_connection: bool = True, bias: bool = True, layout: str = "NCHW",
-        dtype: str = "float32", xp: Any = None,
+        self,
+        query_dim: int,
+        heads: int = 8,
+        dim_head: int = 64,
+        *,
+        rescale_output_factor: float = 1.0,
+        eps: float = 1e-5,
+        norm_num_groups: int | None = 32,
+        residual_connection: bool = True,
+        bias: bool = True,
+        layout: str = "NCHW",
+        dtype: str = "float32",
+        xp: Any = None,
     ):
         super().__init__()
         w = "Attention"
         query_dim = _v.check_int(w, "query_dim", query_dim, min=1)
         heads = _v.check_int(w, "heads", heads, min=1)
         dim_head = _v.check_int(w, "dim_head", dim_head, min=1)
-        rescale_output_factor = _v.check_float(w, "rescale_output_factor", rescale_output_factor,
-                                               min=0.0, min_open=True)
+        rescale_output_factor = _v.check_float(
+            w, "rescale_output_factor", rescale_output_factor, min=0.0, min_open=True
+        )
         eps = _v.check_float(w, "eps", eps, min=0.0, min_open=True)
         norm_num_groups = _v.check_int(w, "norm_num_groups", norm_num_groups, min=1, none=True)
         if norm_num_groups is not None and query_dim % norm_num_groups:
-            raise _v.ArgumentError(f"{w}: expected norm_num_groups to divide "
-                                   f"query_dim={query_dim}, got {norm_num_groups}")
+            raise _v.ArgumentError(
+                f"{w}: expected norm_num_groups to divide "
+                f"query_dim={query_dim}, got {norm_num_groups}"
+            )
         residual_connection = _v.check_bool(w, "residual_connection", residual_connection)
         bias = _v.check_bool(w, "bias", bias)
         dtype = _v.check_dtype(w, dtype, xp)
@@ -132,13 +156,15 @@ class Attention(Module):
         self.scale = 1.0 / math.sqrt(dim_head)
         self.group_norm = (
             GroupNorm(norm_num_groups, query_dim, eps=eps, layout=layout, dtype=dtype, xp=xp)
-            if norm_num_groups is not None else None
+            if norm_num_groups is not None
+            else None
         )
         self.to_q = Linear(query_dim, inner, bias=bias, dtype=dtype, xp=xp)
         self.to_k = Linear(query_dim, inner, bias=bias, dtype=dtype, xp=xp)
         self.to_v = Linear(query_dim, inner, bias=bias, dtype=dtype, xp=xp)
-        self.to_out = ModuleList([Linear(inner, query_dim, bias=True, dtype=dtype, xp=xp),
-                                  Dropout(0.0)])
+        self.to_out = ModuleList(
+            [Linear(inner, query_dim, bias=True, dtype=dtype, xp=xp), Dropout(0.0)]
+        )
 
     def _tokens(self, xp: Any, h: Any) -> Any:
         """(B, C, H, W) or (B, H, W, C) -> (B, H*W, C)."""
@@ -164,8 +190,15 @@ class Attention(Module):
 
     def forward(self, x: Any) -> Any:
         where = f"Attention({self.query_dim} channels, {self.heads} heads)"
-        xp = check_input(where, x, like=self.to_q.weight.data, ndim=4, size=self.query_dim,
-                         axis=_channel_axis(self.layout), layout=_layout_text(self.layout))
+        xp = check_input(
+            where,
+            x,
+            like=self.to_q.weight.data,
+            ndim=4,
+            size=self.query_dim,
+            axis=_channel_axis(self.layout),
+            layout=_layout_text(self.layout),
+        )
         h = self.group_norm(x) if self.group_norm is not None else x
         tokens = self._tokens(xp, h)
         q = self._split(xp, self.to_q(tokens))
@@ -188,7 +221,7 @@ class Attention(Module):
         go = self._split(xp, self.to_out[0].backward(self._tokens(xp, g)))
         gq, gk, gv = fatt.sdpa_backward(cache, go)
         gt = self.to_q.backward(self._merge(xp, gq))
-        gt += self.to_k.backward(self._merge(xp, gk))   # gt is a fresh product
+        gt += self.to_k.backward(self._merge(xp, gk))  # gt is a fresh product
         gt += self.to_v.backward(self._merge(xp, gv))
         gh = self._image(xp, gt, shape)
         gx = self.group_norm.backward(gh) if self.group_norm is not None else gh
@@ -198,8 +231,16 @@ class Attention(Module):
 class Upsample2D(Module):
     """Nearest upsampling x2 (or to an explicit ``output_size``) followed by a 3x3 conv."""
 
-    def __init__(self, channels: int, use_conv: bool = True, out_channels: int | None = None, *,
-                 layout: str = "NCHW", dtype: str = "float32", xp: Any = None):
+    def __init__(
+        self,
+        channels: int,
+        use_conv: bool = True,
+        out_channels: int | None = None,
+        *,
+        layout: str = "NCHW",
+        dtype: str = "float32",
+        xp: Any = None,
+    ):
         super().__init__()
         w = "Upsample2D"
         channels = _v.check_int(w, "channels", channels, min=1)
@@ -209,13 +250,21 @@ class Upsample2D(Module):
         _check_layout(w, layout)
         self.channels, self.layout = channels, layout
         out_channels = out_channels or channels
-        self.conv = (Conv2d(channels, out_channels, 3, padding=1, layout=layout, dtype=dtype,
-                            xp=xp)
-                     if use_conv else None)
+        self.conv = (
+            Conv2d(channels, out_channels, 3, padding=1, layout=layout, dtype=dtype, xp=xp)
+            if use_conv
+            else None
+        )
 
     def forward(self, x: Any, output_size: tuple[int, int] | None = None) -> Any:
-        check_input(f"Upsample2D({self.channels})", x, ndim=4, size=self.channels,
-                    axis=_channel_axis(self.layout), layout=_layout_text(self.layout))
+        check_input(
+            f"Upsample2D({self.channels})",
+            x,
+            ndim=4,
+            size=self.channels,
+            axis=_channel_axis(self.layout),
+            layout=_layout_text(self.layout),
+        )
         H, W = (x.shape[1], x.shape[2]) if self.layout == "NHWC" else (x.shape[2], x.shape[3])
         size = output_size or (2 * H, 2 * W)
         y, cache = frs.upsample_nearest_forward(x, tuple(size), self.layout)
@@ -234,9 +283,17 @@ class Downsample2D(Module):
     bottom and one zero column at the right only, as diffusers does.
     """
 
-    def __init__(self, channels: int, use_conv: bool = True, out_channels: int | None = None,
-                 padding: int = 1, *, layout: str = "NCHW", dtype: str = "float32",
-                 xp: Any = None):
+    def __init__(
+        self,
+        channels: int,
+        use_conv: bool = True,
+        out_channels: int | None = None,
+        padding: int = 1,
+        *,
+        layout: str = "NCHW",
+        dtype: str = "float32",
+        xp: Any = None,
+    ):
         super().__init__()
         w = "Downsample2D"
         channels = _v.check_int(w, "channels", channels, min=1)
@@ -250,8 +307,16 @@ class Downsample2D(Module):
         if padding not in (0, 1):
             raise ValueError(f"Downsample2D: only padding 0 or 1 is supported, got {padding}")
         self.padding, self.layout = padding, layout
-        self.conv = Conv2d(channels, out_channels or channels, 3, stride=2, padding=padding,
-                           layout=layout, dtype=dtype, xp=xp)
+        self.conv = Conv2d(
+            channels,
+            out_channels or channels,
+            3,
+            stride=2,
+            padding=padding,
+            layout=layout,
+            dtype=dtype,
+            xp=xp,
+        )
 
     def _spatial_axes(self) -> tuple[int, int]:
         return (1, 2) if self.layout == "NHWC" else (2, 3)
@@ -291,10 +356,20 @@ class ResnetBlock2D(Module):
     """
 
     def __init__(
-        self, *, in_channels: int, out_channels: int | None = None, temb_channels: int | None = 512,
-        groups: int = 32, groups_out: int | None = None, eps: float = 1e-6,
-        non_linearity: str = "silu", output_scale_factor: float = 1.0, dropout: float = 0.0,
-        layout: str = "NCHW", dtype: str = "float32", xp: Any = None,
+        self,
+        *,
+        in_channels: int,
+        out_channels: int | None = None,
+        temb_channels: int | None = 512,
+        groups: int = 32,
+        groups_out: int | None = None,
+        eps: float = 1e-6,
+        non_linearity: str = "silu",
+        output_scale_factor: float = 1.0,
+        dropout: float = 0.0,
+        layout: str = "NCHW",
+        dtype: str = "float32",
+        xp: Any = None,
     ):
         super().__init__()
         w = "ResnetBlock2D"
@@ -304,13 +379,20 @@ class ResnetBlock2D(Module):
         groups = _v.check_int(w, "groups", groups, min=1)
         groups_out = _v.check_int(w, "groups_out", groups_out, min=1, none=True)
         eps = _v.check_float(w, "eps", eps, min=0.0, min_open=True)
-        output_scale_factor = _v.check_float(w, "output_scale_factor", output_scale_factor,
-                                             min=0.0, min_open=True)
+        output_scale_factor = _v.check_float(
+            w, "output_scale_factor", output_scale_factor, min=0.0, min_open=True
+        )
         dropout = _v.check_float(w, "dropout", dropout, min=0.0, max=1.0)
         dtype = _v.check_dtype(w, dtype, xp)
-        for key, g, key_c, c in (("groups", groups, "in_channels", in_channels),
-                                 ("groups_out" if groups_out else "groups", groups_out or groups,
-                                  "out_channels", out_channels or in_channels)):
+        for key, g, key_c, c in (
+            ("groups", groups, "in_channels", in_channels),
+            (
+                "groups_out" if groups_out else "groups",
+                groups_out or groups,
+                "out_channels",
+                out_channels or in_channels,
+            ),
+        ):
             if c % g:
                 raise _v.ArgumentError(f"{w}: expected {key} to divide {key_c}={c}, got {g}")
         if non_linearity != "silu":
@@ -333,8 +415,9 @@ class ResnetBlock2D(Module):
         self.dropout = Dropout(dropout)
         self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1, **lkw)
         self._act_t = SiLU()
-        self.conv_shortcut = (Conv2d(in_channels, out_channels, 1, **lkw)
-                              if in_channels != out_channels else None)
+        self.conv_shortcut = (
+            Conv2d(in_channels, out_channels, 1, **lkw) if in_channels != out_channels else None
+        )
 
     def forward(self, x: Any, temb: Any | None) -> Any:
         h = self.conv1(self.norm1(x))
@@ -359,5 +442,5 @@ class ResnetBlock2D(Module):
             gt = xp.sum(gh, axis=(1, 2) if self.layout == "NHWC" else (2, 3))
             gtemb = self._act_t.backward(self.time_emb_proj.backward(gt))
         gx = self.norm1.backward(self.conv1.backward(gh))
-        gx += gsc               # gx is a fresh array
+        gx += gsc  # gx is a fresh array
         return gx, gtemb

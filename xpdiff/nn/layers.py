@@ -45,8 +45,13 @@ class Linear(Module):
     """``y = x @ weight.T + bias`` over the last axis; x (..., in) -> (..., out)."""
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool = True, *,
-        dtype: str = "float32", xp: Any = None,
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        dtype: str = "float32",
+        xp: Any = None,
     ):
         super().__init__()
         in_features = _v.check_int("Linear", "in_features", in_features, min=1)
@@ -60,8 +65,11 @@ class Linear(Module):
 
     def forward(self, x: Any) -> Any:
         check_input(
-            f"Linear({self.in_features}->{self.out_features})", x, like=self.weight.data,
-            axis=-1, size=self.in_features,
+            f"Linear({self.in_features}->{self.out_features})",
+            x,
+            like=self.weight.data,
+            axis=-1,
+            size=self.in_features,
         )
         y, cache = fl.linear_forward(x, self.weight.data, self.bias.data if self.bias else None)
         self._save(cache)
@@ -97,8 +105,16 @@ class Conv2d(Module):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-        padding: int = 0, bias: bool = True, *, layout: str = "NCHW", dtype: str = "float32",
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int = 0,
+        bias: bool = True,
+        *,
+        layout: str = "NCHW",
+        dtype: str = "float32",
         xp: Any = None,
     ):
         super().__init__()
@@ -127,14 +143,25 @@ class Conv2d(Module):
 
     def forward(self, x: Any) -> Any:
         where = self._where()
-        check_input(where, x, like=self.weight.data, ndim=4, size=self.in_channels,
-                    axis=_channel_axis(self.layout), layout=_layout_text(self.layout))
+        check_input(
+            where,
+            x,
+            like=self.weight.data,
+            ndim=4,
+            size=self.in_channels,
+            axis=_channel_axis(self.layout),
+            layout=_layout_text(self.layout),
+        )
         k, p = self.kernel_size, self.padding
         H, W = (x.shape[1], x.shape[2]) if self.layout == "NHWC" else (x.shape[2], x.shape[3])
         if H + 2 * p < k or W + 2 * p < k:
             raise ValueError(f"{where}: input {tuple(x.shape)} is smaller than the kernel")
         y, cache = fc.conv2d_forward(
-            x, self.weight.data, self.bias.data if self.bias else None, self.stride, p,
+            x,
+            self.weight.data,
+            self.bias.data if self.bias else None,
+            self.stride,
+            p,
             layout=self.layout,
         )
         self._save(cache)
@@ -157,8 +184,15 @@ class GroupNorm(Module):
     """
 
     def __init__(
-        self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, *,
-        activation: str | None = None, layout: str = "NCHW", dtype: str = "float32",
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        *,
+        activation: str | None = None,
+        layout: str = "NCHW",
+        dtype: str = "float32",
         xp: Any = None,
     ):
         super().__init__()
@@ -187,10 +221,14 @@ class GroupNorm(Module):
             want = "(B, ..., C)" if self.layout == "NHWC" else "(B, C, ...)"
             raise ValueError(f"{where}: expected {want}, got shape {tuple(x.shape)}")
         y, cache = fn.group_norm_forward(
-            x, self.num_groups,
+            x,
+            self.num_groups,
             self.weight.data if self.weight else None,
-            self.bias.data if self.bias else None, self.eps, layout=self.layout,
-            activation=self.activation, keep_cache=is_grad_enabled(),
+            self.bias.data if self.bias else None,
+            self.eps,
+            layout=self.layout,
+            activation=self.activation,
+            keep_cache=is_grad_enabled(),
         )
         self._save(cache)
         return y
@@ -272,11 +310,15 @@ class Embedding(Module):
         backend.get_namespace(idx, self.weight.data, where=where)
         if not xp.isdtype(idx.dtype, "integral"):
             raise TypeError(
-                f"{where}: expected integer indices, got {backend.dtype_name(idx.dtype)}")
+                f"{where}: expected integer indices, got {backend.dtype_name(idx.dtype)}"
+            )
         # reading values would stall a GPU stream: on device arrays the entry points
         # (pipelines.generate, the Trainer) check labels before they reach the model
-        if idx.shape[0] and backend.on_host(idx) and (
-                int(xp.min(idx)) < 0 or int(xp.max(idx)) >= self.num_embeddings):
+        if (
+            idx.shape[0]
+            and backend.on_host(idx)
+            and (int(xp.min(idx)) < 0 or int(xp.max(idx)) >= self.num_embeddings)
+        ):
             raise ValueError(
                 f"{where}: expected indices in [0, {self.num_embeddings}), got values in "
                 f"[{int(xp.min(idx))}, {int(xp.max(idx))}]"

@@ -224,7 +224,8 @@ class Module:
         """
         if dtype is not None and dtype not in ("float32", "float64"):
             raise ValueError(
-                f"{type(self).__name__}.to: dtype must be float32 or float64, got {dtype!r}")
+                f"{type(self).__name__}.to: dtype must be float32 or float64, got {dtype!r}"
+            )
         for p in self.parameters():
             xp = (
                 backend.namespace_for(backend_name)
@@ -258,11 +259,13 @@ def _checking_grad_shape(backward: Any) -> Any:
         if expected is not None and grad_output is not None:
             got = tuple(getattr(grad_output, "shape", ()))
             if not hasattr(grad_output, "shape") or got != expected:
-                what = f"shape {got}" if hasattr(grad_output, "shape") else type(
-                    grad_output).__name__
+                what = (
+                    f"shape {got}" if hasattr(grad_output, "shape") else type(grad_output).__name__
+                )
                 raise ValueError(
                     f"{type(self).__name__}.backward: expected grad_output of shape {expected} "
-                    f"(the shape of the forward output), got {what}")
+                    f"(the shape of the forward output), got {what}"
+                )
         return backward(self, *args, **kwargs)
 
     return checked

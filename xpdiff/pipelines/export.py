@@ -17,9 +17,15 @@ __all__ = ["export_pipeline", "export_run"]
 PIPELINE_CLASS = "DDIMPipeline"
 
 
-def export_pipeline(model: UNet2DModel, scheduler: DDIMScheduler,
-                    save_directory: str | os.PathLike, *, null_class: int | None = None,
-                    guidance_scale: float = 1.0, num_inference_steps: int = 50) -> Path:
+def export_pipeline(
+    model: UNet2DModel,
+    scheduler: DDIMScheduler,
+    save_directory: str | os.PathLike,
+    *,
+    null_class: int | None = None,
+    guidance_scale: float = 1.0,
+    num_inference_steps: int = 50,
+) -> Path:
     """Write ``model`` and ``scheduler`` as a diffusers pipeline folder.
 
     Layout: ``model_index.json`` (``DDIMPipeline``: ``unet`` + ``scheduler``),
@@ -34,16 +40,23 @@ def export_pipeline(model: UNet2DModel, scheduler: DDIMScheduler,
         ValueError: ``save_directory`` is an existing file, or a scheduler that is not DDIM.
     """
     if not isinstance(scheduler, DDIMScheduler):
-        raise ValueError(f"export_pipeline: expected a DDIMScheduler (the sampling scheduler), "
-                         f"got {type(scheduler).__name__}")
+        raise ValueError(
+            f"export_pipeline: expected a DDIMScheduler (the sampling scheduler), "
+            f"got {type(scheduler).__name__}"
+        )
     out = Path(save_directory)
     if out.is_file():
         raise ValueError(f"export_pipeline: expected a directory, got the file {out}")
     model.save_pretrained(out / "unet")
     scheduler.save_pretrained(out / "scheduler")
-    io.save_json({"_class_name": PIPELINE_CLASS,
-                  "unet": ["diffusers", "UNet2DModel"],
-                  "scheduler": ["diffusers", "DDIMScheduler"]}, out / "model_index.json")
+    io.save_json(
+        {
+            "_class_name": PIPELINE_CLASS,
+            "unet": ["diffusers", "UNet2DModel"],
+            "scheduler": ["diffusers", "DDIMScheduler"],
+        },
+        out / "model_index.json",
+    )
     text = _readme(model, scheduler, null_class, guidance_scale, num_inference_steps)
     io.atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(text))
     return out
@@ -55,13 +68,23 @@ def export_run(run: str | os.PathLike, save_directory: str | os.PathLike) -> Pat
     from ..training import load_for_sampling
 
     model, cfg = load_for_sampling(run, "numpy", use_ema=True)
-    return export_pipeline(model, cfg.sampling_scheduler("ddim"), save_directory,
-                           null_class=cfg.null_class, guidance_scale=cfg.guidance_scale,
-                           num_inference_steps=cfg.sample_steps)
+    return export_pipeline(
+        model,
+        cfg.sampling_scheduler("ddim"),
+        save_directory,
+        null_class=cfg.null_class,
+        guidance_scale=cfg.guidance_scale,
+        num_inference_steps=cfg.sample_steps,
+    )
 
 
-def _readme(model: UNet2DModel, scheduler: DDIMScheduler, null_class: int | None,
-            guidance: float, steps: int) -> str:
+def _readme(
+    model: UNet2DModel,
+    scheduler: DDIMScheduler,
+    null_class: int | None,
+    guidance: float,
+    steps: int,
+) -> str:
     cfg = model.config
     classes = cfg.num_class_embeds
     size = cfg.sample_size
@@ -81,11 +104,18 @@ def _readme(model: UNet2DModel, scheduler: DDIMScheduler, null_class: int | None
             f"(unconditional) class used for classifier-free guidance.",
             f"- Guidance scale of the run: {guidance}.",
         ]
-    lines += ["", "## Sampling with diffusers", "", "```python", "import torch",
-              "from diffusers import DiffusionPipeline", "",
-              'pipe = DiffusionPipeline.from_pretrained("path/to/this/folder")',
-              "unet, scheduler = pipe.unet, pipe.scheduler",
-              f"scheduler.set_timesteps({steps})"]
+    lines += [
+        "",
+        "## Sampling with diffusers",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import DiffusionPipeline",
+        "",
+        'pipe = DiffusionPipeline.from_pretrained("path/to/this/folder")',
+        "unet, scheduler = pipe.unet, pipe.scheduler",
+        f"scheduler.set_timesteps({steps})",
+    ]
     if conditional:
         lines += [
             f"labels = torch.arange({min(classes - 1, 10)})  # the classes to draw",

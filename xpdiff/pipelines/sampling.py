@@ -77,8 +77,11 @@ def generate(
     max_batch = check_int(where, "max_batch", max_batch, min=1)
     return_trajectory = check_bool(where, "return_trajectory", return_trajectory)
     if size is not None:
-        size = (check_int(where, "size", size, min=1) if not isinstance(size, (tuple, list))
-                else tuple(check_int_list(where, "size", size, min=1, length=2)))
+        size = (
+            check_int(where, "size", size, min=1)
+            if not isinstance(size, (tuple, list))
+            else tuple(check_int_list(where, "size", size, min=1, length=2))
+        )
     cfg = model.config
     xp, dtype = model.xp, model.dtype
     dev = backend.device(model.conv_in.weight.data)
@@ -87,8 +90,9 @@ def generate(
         if batch_size is None:
             raise ValueError("generate: expected class_labels or batch_size, got neither")
         if n_classes:
-            raise ValueError(f"generate: the model is class-conditional ({n_classes} classes); "
-                             "pass class_labels")
+            raise ValueError(
+                f"generate: the model is class-conditional ({n_classes} classes); pass class_labels"
+            )
         labels = None
         B = batch_size
     else:
@@ -105,9 +109,11 @@ def generate(
         if not 0 <= null_class < n_classes:
             raise ValueError(f"generate: null_class must be in [0, {n_classes}), got {null_class}")
     if not isinstance(scheduler, (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler)):
-        raise ValueError(f"generate: expected a DDPMScheduler or DDIMScheduler (or a "
-                         f"DPMSolverMultistepScheduler), got "
-                         f"{type(scheduler).__name__}")
+        raise ValueError(
+            f"generate: expected a DDPMScheduler or DDIMScheduler (or a "
+            f"DPMSolverMultistepScheduler), got "
+            f"{type(scheduler).__name__}"
+        )
     if size is None:
         size = cfg["sample_size"]
     if size is None:
@@ -147,8 +153,10 @@ def generate(
             if return_trajectory:
                 trajectory.append(backend.to_numpy(x))
     if not bool(xp.all(xp.isfinite(x))):
-        raise ValueError("generate: the samples came out NaN or infinite; the model's weights "
-                         "are probably not finite (a diverged run?)")
+        raise ValueError(
+            "generate: the samples came out NaN or infinite; the model's weights "
+            "are probably not finite (a diverged run?)"
+        )
     x = xp.clip(x, -1.0, 1.0)
     return SampleResult(images=x, labels=labels, timesteps=timesteps, trajectory=trajectory)
 
@@ -160,9 +168,12 @@ def _label_list(class_labels: Any) -> list[int]:
         if len(host.shape) != 1 or not backend.dtype_name(host.dtype).startswith(("int", "uint")):
             raise ArgumentTypeError(
                 f"generate: expected class_labels to be a 1-D integer array, got shape "
-                f"{tuple(host.shape)} and dtype {backend.dtype_name(host.dtype)}")
+                f"{tuple(host.shape)} and dtype {backend.dtype_name(host.dtype)}"
+            )
         return [int(host[i]) for i in range(host.shape[0])]
     if isinstance(class_labels, (str, bytes)) or not isinstance(class_labels, Sequence):
-        raise ArgumentTypeError(f"generate: expected class_labels to be a sequence of integers, "
-                                f"got {type(class_labels).__name__}")
+        raise ArgumentTypeError(
+            f"generate: expected class_labels to be a sequence of integers, "
+            f"got {type(class_labels).__name__}"
+        )
     return [check_int("generate", f"class_labels[{i}]", c) for i, c in enumerate(class_labels)]

@@ -247,13 +247,15 @@ class BaseScheduler(ConfigMixin):
         for key in self._bools:
             check_bool(name, key, config[key])
         n = config["num_train_timesteps"] = check_int(
-            name, "num_train_timesteps", config["num_train_timesteps"], min=1)
+            name, "num_train_timesteps", config["num_train_timesteps"], min=1
+        )
         config["steps_offset"] = check_int(name, "steps_offset", config["steps_offset"], min=0)
         for key in ("beta_start", "beta_end"):
             config[key] = check_float(name, key, config[key])
         if "clip_sample_range" in config:  # only schedulers that clip have it
             config["clip_sample_range"] = check_float(
-                name, "clip_sample_range", config["clip_sample_range"], min=0.0, min_open=True)
+                name, "clip_sample_range", config["clip_sample_range"], min=0.0, min_open=True
+            )
         if config.get("trained_betas") is not None:
             betas = _trained_betas(name, config["trained_betas"], n)
             config["trained_betas"] = betas
@@ -266,8 +268,9 @@ class BaseScheduler(ConfigMixin):
             )
         bad = [b for b in betas if not 0.0 < b < 1.0]
         if bad:
-            raise ArgumentError(f"{name}: expected every beta in (0, 1), got {bad[0]!r} "
-                                f"from {source}")
+            raise ArgumentError(
+                f"{name}: expected every beta in (0, 1), got {bad[0]!r} from {source}"
+            )
         abar = cumprod_table(betas)
         zero = next((t for t, a in enumerate(abar) if a == 0.0), None)
         if zero is not None:
@@ -321,8 +324,13 @@ class BaseScheduler(ConfigMixin):
     # -- timesteps ------------------------------------------------------------
     def _check_num_inference_steps(self, num_inference_steps: int) -> int:
         n_train = self._config["num_train_timesteps"]
-        return check_int(f"{type(self).__name__}.set_timesteps", "num_inference_steps",
-                         num_inference_steps, min=1, max=n_train)
+        return check_int(
+            f"{type(self).__name__}.set_timesteps",
+            "num_inference_steps",
+            num_inference_steps,
+            min=1,
+            max=n_train,
+        )
 
     def _spaced_timesteps(self, num_inference_steps: int) -> list[int]:
         cfg = self._config

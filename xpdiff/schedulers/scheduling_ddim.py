@@ -127,7 +127,8 @@ class DDIMScheduler(BaseScheduler):
         """
         noise = variance_noise
         use_clipped_model_output = check_bool(
-            "DDIMScheduler.step", "use_clipped_model_output", use_clipped_model_output)
+            "DDIMScheduler.step", "use_clipped_model_output", use_clipped_model_output
+        )
         xp, t = self._start_step(model_output, timestep, sample, generator, noise)
         t_prev = self._previous(t)
         eta = check_float("DDIMScheduler.step", "eta", eta, min=0.0)

@@ -159,10 +159,16 @@ class DPMSolverMultistepScheduler(BaseScheduler):
             )
         self._update_config(
             dynamic_thresholding_ratio=check_float(
-                name, "dynamic_thresholding_ratio", dynamic_thresholding_ratio,
-                min=0.0, max=1.0, min_open=True),
-            sample_max_value=check_float(name, "sample_max_value", sample_max_value,
-                                         min=0.0, min_open=True),
+                name,
+                "dynamic_thresholding_ratio",
+                dynamic_thresholding_ratio,
+                min=0.0,
+                max=1.0,
+                min_open=True,
+            ),
+            sample_max_value=check_float(
+                name, "sample_max_value", sample_max_value, min=0.0, min_open=True
+            ),
         )
         self._setup()
         if use_karras_sigmas:
