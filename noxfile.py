@@ -9,6 +9,9 @@ nox.options.reuse_existing_virtualenvs = True
 
 # torch==2.13.0 is pinned: on the project's machines it installs a CPU build from local disk.
 ORACLE = ["torch==2.13.0", "diffusers"]
+# pinned: another ruff version may format differently (.pre-commit-config.yaml pins the same)
+RUFF = "ruff==0.17.6"
+LINT_PATHS = ("xpdiff", "tests", "examples", "benchmarks", "noxfile.py")
 
 # The tests use small arrays: one BLAS thread is faster for them, and it keeps the suite from
 # collapsing when the machine is shared (two BLAS threads on a busy 2-core machine wait on each
@@ -51,9 +54,10 @@ def tests_cupy(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff over the package, tests, examples and benchmarks."""
-    session.install("ruff")
-    session.run("ruff", "check", "xpdiff", "tests", "examples", "benchmarks", "noxfile.py")
+    """ruff check (with the complexity and banned-import rules) and ruff format --check."""
+    session.install(RUFF)
+    session.run("ruff", "check", *LINT_PATHS)
+    session.run("ruff", "format", "--check", *LINT_PATHS)
 
 
 @nox.session
