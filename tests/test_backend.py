@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import pathlib
 
@@ -14,6 +15,15 @@ from xpdiff import backend
 
 PACKAGE_DIR = pathlib.Path(xpdiff.__file__).resolve().parent
 FORBIDDEN = {"numpy", "cupy", "torch"}
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+
+
+def _other(xp):
+    """A namespace of another library than ``xp`` (torch where installed)."""
+    if backend.library_name(xp) != "numpy":
+        return backend.namespace_for("numpy")
+    return backend.namespace_for("torch" if HAS_TORCH else "array_api_strict")
 
 
 @pytest.fixture
@@ -39,7 +49,7 @@ def test_get_namespace_of_nothing_is_the_default(clean_backend):
 
 
 def test_get_namespace_mixed_libraries(xp):
-    other = backend.namespace_for("torch" if backend.library_name(xp) == "numpy" else "numpy")
+    other = _other(xp)
     a = xp.zeros((2,), dtype=xp.float32)
     b = other.zeros((2,), dtype=other.float32)
     with pytest.raises(TypeError, match=r"^my_layer: expected arrays of one array library, got "):
@@ -56,7 +66,9 @@ def test_get_namespace_non_array():
         backend.get_namespace("not an array")
 
 
-@pytest.mark.parametrize("name", ["numpy", "torch", "array_api_strict"])
+@pytest.mark.parametrize(
+    "name", ["numpy", pytest.param("torch", marks=needs_torch), "array_api_strict"]
+)
 def test_library_name_and_namespace_for(name):
     xp = backend.namespace_for(name)
     assert backend.library_name(xp) == name
@@ -153,6 +165,7 @@ def test_asarray_to_numpy_round_trip(xp, dtype):
     np.testing.assert_array_equal(back, host)
 
 
+@needs_torch
 def test_asarray_dtype_lists_and_other_libraries(xp):
     a = backend.asarray([[1, 2], [3, 4]], xp, dtype=xp.float64)
     assert backend.dtype_name(a.dtype) == "float64" and tuple(a.shape) == (2, 2)

@@ -181,6 +181,7 @@ def test_blas_kernel_warning():
     )
 
 
+@pytest.mark.oracle
 @pytest.mark.skipif(not _has("torch", "diffusers"), reason="torch and diffusers not installed")
 def test_tiny_pair_with_torch():
     from xpdiff import backend

@@ -78,6 +78,7 @@ def _inputs(seed: int = 0, batch: int = 2, size: int = 8):
     return x, t
 
 
+@pytest.mark.oracle
 def test_google_ddpm_checkpoint_with_legacy_names_matches_diffusers(tmp_path):
     torch, _ = _torch_diffusers()
     theirs = _random_diffusers_unet(GOOGLE_DDPM)
@@ -100,6 +101,7 @@ def test_google_ddpm_checkpoint_with_legacy_names_matches_diffusers(tmp_path):
     np.testing.assert_array_equal(back, want)
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("hw", [(6, 6), (7, 5)])
 def test_downsample_padding_0_matches_torch(layout, hw):
@@ -131,6 +133,7 @@ def test_dropout_model_refuses_to_train():
         assert m(x, t).shape == x.shape
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("kind", ["float16", "bfloat16"])
 def test_half_precision_weights_are_upcast(kind, tmp_path):
     torch, _ = _torch_diffusers()
@@ -160,6 +163,7 @@ def test_variant_file_names_and_missing_variant(tmp_path):
         np.testing.assert_array_equal(again.state_dict()[key], value)
 
 
+@pytest.mark.oracle
 def test_pickle_only_directory_is_refused(tmp_path):
     theirs = _random_diffusers_unet({**GOOGLE_DDPM, "dropout": 0.0})
     theirs.save_pretrained(tmp_path, safe_serialization=False)
@@ -172,6 +176,7 @@ def test_pickle_only_directory_is_refused(tmp_path):
         UNet2DModel.from_pretrained(tmp_path, xp=np)
 
 
+@pytest.mark.oracle
 def test_bfloat16_bits_convert_exactly(tmp_path):
     torch = pytest.importorskip("torch")
     from safetensors.torch import save_file

@@ -35,6 +35,7 @@ def run(tmp_path_factory):
     return path
 
 
+@pytest.mark.oracle
 def test_export_loads_in_diffusers_and_samples_as_xpdiff(run, tmp_path, capsys):
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")

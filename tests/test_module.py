@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -233,7 +234,19 @@ def test_no_grad_restores_after_error_and_nests():
 # ---------------------------------------------------------------------------
 # moving, modes
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize("target", ["torch", "array_api_strict", "numpy"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        pytest.param(
+            "torch",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("torch") is None, reason="torch is not installed"
+            ),
+        ),
+        "array_api_strict",
+        "numpy",
+    ],
+)
 def test_to_backend_and_dtype(target):
     init.manual_seed(0)
     m = TimestepEmbedding(3, 4)

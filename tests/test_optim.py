@@ -1,4 +1,5 @@
-"""Optimisers against PyTorch's, and the schedule, clipping and EMA formulas."""
+"""Optimisers against PyTorch's (oracle tests, skipped without torch), and the schedule,
+clipping and EMA formulas."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ from xpdiff import backend
 from xpdiff.nn.layers import Linear
 from xpdiff.nn.module import Module
 from xpdiff.optim import EMA, SGD, AdamW, clip_grad_norm, warmup_cosine
-
-torch = pytest.importorskip("torch")
 
 
 class Net(Module):
@@ -28,7 +27,12 @@ class Net(Module):
         return self.a.backward(self.b.backward(g))
 
 
+def _torch():
+    return pytest.importorskip("torch")
+
+
 def torch_twin(net: Net):
+    torch = _torch()
     tn = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).double()
     with torch.no_grad():
         for (_, p), t in zip(net.named_parameters(), tn.parameters(), strict=True):
@@ -36,8 +40,10 @@ def torch_twin(net: Net):
     return tn
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_adamw_matches_torch_over_steps(weight_decay):
+    torch = _torch()
     rng = np.random.default_rng(0)
     net = Net()
     tn = torch_twin(net)
@@ -88,7 +94,9 @@ def test_sgd_step():
     np.testing.assert_allclose(net.a.weight.data, before - 0.5 * g)
 
 
+@pytest.mark.oracle
 def test_clip_grad_norm_matches_torch():
+    torch = _torch()
     rng = np.random.default_rng(2)
     net = Net()
     tn = torch_twin(net)

@@ -156,11 +156,13 @@ SOLVER_GRID = [
 ]
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("kw", SOLVER_GRID, ids=lambda kw: "-".join(map(str, kw.values())))
 def test_solver_options_match_diffusers(kw):
     run_against_diffusers(kw, 20)
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize("steps", [1, 2, 5, 14, 15, 25])
@@ -170,6 +172,7 @@ def test_schedules_spacings_and_step_counts_match_diffusers(schedule, spacing, s
     run_against_diffusers(kw, steps)
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize(
     "kw",
     [
@@ -197,10 +200,12 @@ def test_other_options_match_diffusers(kw):
     run_against_diffusers(kw, 12)
 
 
+@pytest.mark.oracle
 def test_many_steps_match_diffusers():
     run_against_diffusers(dict(beta_schedule="squaredcos_cap_v2"), 200)
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize(
     "kw",
     [
@@ -218,10 +223,12 @@ def test_float64_matches_diffusers(kw):
     assert worst < ATOL_F64
 
 
+@pytest.mark.oracle
 def test_trajectory_on_every_namespace_matches_diffusers(xp):
     run_against_diffusers(dict(beta_schedule="squaredcos_cap_v2"), 20, xp=xp)
 
 
+@pytest.mark.oracle
 def test_add_noise_matches_diffusers_on_scheduled_timesteps(xp, device_f32):
     diffusers = _diffusers()
     import torch
@@ -470,6 +477,7 @@ def test_step_errors():
         sched.step(x, 333, x)
 
 
+@pytest.mark.oracle
 def test_step_rejects_mixed_namespaces():
     torch = pytest.importorskip("torch")
     sched = DPMSolverMultistepScheduler()
@@ -504,6 +512,7 @@ def test_config_round_trip(tmp_path):
     assert trained.alphas_cumprod[-1] == pytest.approx(0.99**10, rel=1e-6)
 
 
+@pytest.mark.oracle
 def test_diffusers_reads_our_file_and_we_read_theirs(tmp_path):
     diffusers = _diffusers()
     kw = dict(

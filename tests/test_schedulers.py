@@ -206,6 +206,7 @@ def ddim_reference_step(ours, out, t, x, eta, z, use_clipped_model_output=False)
 # ---------------------------------------------------------------------------
 # oracle: tables and timesteps
 # ---------------------------------------------------------------------------
+@pytest.mark.oracle
 @pytest.mark.parametrize("schedule", BETA_SCHEDULES)
 @pytest.mark.parametrize(
     "n_train, start, end", [(1000, 0.0001, 0.02), (1000, 0.00085, 0.012), (37, 0.0003, 0.05)]
@@ -218,6 +219,7 @@ def test_tables_equal_diffusers(schedule, n_train, start, end):
     assert list(ours.alphas_cumprod) == theirs.alphas_cumprod.tolist()
 
 
+@pytest.mark.oracle
 def test_linear_betas_equal_torch_linspace_random():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(5)
@@ -230,6 +232,7 @@ def test_linear_betas_equal_torch_linspace_random():
         assert list(sched.betas) == ref
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("cls_name", ["DDPMScheduler", "DDIMScheduler"])
 @pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize("offset", [0, 1])
@@ -264,6 +267,7 @@ DDPM_GRID = list(
 )
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("schedule, variance, prediction, spacing", DDPM_GRID)
 def test_ddpm_50_steps_match_diffusers(schedule, variance, prediction, spacing, monkeypatch):
     diffusers = _diffusers()
@@ -284,6 +288,7 @@ def test_ddpm_50_steps_match_diffusers(schedule, variance, prediction, spacing, 
 DDIM_GRID = list(itertools.product(BETA_SCHEDULES, PREDICTIONS, SPACINGS, (0.0, 0.5)))
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("schedule, prediction, spacing, eta", DDIM_GRID)
 def test_ddim_50_steps_match_diffusers(schedule, prediction, spacing, eta, monkeypatch):
     diffusers = _diffusers()
@@ -301,6 +306,7 @@ def test_ddim_50_steps_match_diffusers(schedule, prediction, spacing, eta, monke
         run_against_diffusers(ours, theirs, 50, monkeypatch, eta=eta)
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize(
     "kw",
     [
@@ -326,12 +332,14 @@ def test_ddpm_1000_steps_match_diffusers(kw, monkeypatch):
     run_against_diffusers(DDPMScheduler(**kw), diffusers.DDPMScheduler(**kw), 1000, monkeypatch)
 
 
+@pytest.mark.oracle
 def test_ddpm_full_chain_without_set_timesteps_matches_diffusers(monkeypatch):
     diffusers = _diffusers()
     kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     run_against_diffusers(DDPMScheduler(**kw), diffusers.DDPMScheduler(**kw), None, monkeypatch)
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize(
     "kw, eta",
     [
@@ -364,6 +372,7 @@ def test_ddim_1000_steps_match_diffusers(kw, eta, monkeypatch):
     )
 
 
+@pytest.mark.oracle
 def test_ddim_clipped_model_output_and_eta1_match_diffusers(monkeypatch):
     diffusers = _diffusers()
     kw = dict(prediction_type="sample", clip_sample_range=0.8)
@@ -377,6 +386,7 @@ def test_ddim_clipped_model_output_and_eta1_match_diffusers(monkeypatch):
     )
 
 
+@pytest.mark.oracle
 def test_small_train_schedule_matches_diffusers(monkeypatch):
     diffusers = _diffusers()
     kw = dict(num_train_timesteps=37, beta_end=0.05, timestep_spacing="trailing")
@@ -386,6 +396,7 @@ def test_small_train_schedule_matches_diffusers(monkeypatch):
     )
 
 
+@pytest.mark.oracle
 def test_float64_matches_diffusers(monkeypatch):
     diffusers = _diffusers()
     run_against_diffusers(
@@ -396,6 +407,7 @@ def test_float64_matches_diffusers(monkeypatch):
     )
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("cls_name", ["DDPMScheduler", "DDIMScheduler"])
 def test_trajectory_on_every_namespace_matches_diffusers(xp, cls_name, monkeypatch):
     diffusers = _diffusers()
@@ -409,6 +421,7 @@ def test_trajectory_on_every_namespace_matches_diffusers(xp, cls_name, monkeypat
 # ---------------------------------------------------------------------------
 # add_noise / get_velocity
 # ---------------------------------------------------------------------------
+@pytest.mark.oracle
 @pytest.mark.parametrize("method", ["add_noise", "get_velocity"])
 @pytest.mark.parametrize("dtype_name", ["float32", "float64"])
 def test_add_noise_and_velocity_match_diffusers(xp, device_f32, method, dtype_name):
@@ -625,6 +638,7 @@ def test_step_errors():
         ddpm.step(x, 5000, x)
 
 
+@pytest.mark.oracle
 def test_step_rejects_mixed_namespaces():
     torch = pytest.importorskip("torch")
     x, _ = _start()
@@ -673,6 +687,7 @@ def test_config_round_trip(cls, tmp_path):
     assert sched.config.steps_offset == 1
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("cls_name", ["DDPMScheduler", "DDIMScheduler"])
 def test_diffusers_reads_our_file_and_we_read_theirs(cls_name, tmp_path):
     diffusers = _diffusers()
@@ -854,6 +869,7 @@ def test_integer_like_timesteps_everywhere(form):
         sched.step(0.1 * x, make(5), x, variance_noise=x)
 
 
+@pytest.mark.oracle
 def test_integer_like_timesteps_of_torch():
     torch = pytest.importorskip("torch")
     sched = DDPMScheduler()

@@ -308,6 +308,7 @@ ORACLE_CASES = [
 ]
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("cfg,batch,hw,labels", ORACLE_CASES)
 def test_oracle_float64(cfg, batch, hw, labels):
     x, t, c, gy = inputs(cfg, batch, hw, labels=labels)
@@ -315,6 +316,7 @@ def test_oracle_float64(cfg, batch, hw, labels):
     oracle(cfg, x, t, c, gy, label=f"{hw} {cfg['block_out_channels']}")
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("cfg,label", [(SEED14, "seed14"), (ODD, "odd")])
 def test_oracle_unshared_embedding(cfg, label):
     """diffusers entirely as is (its own float32 torch embedding): float32 noise only."""
@@ -335,6 +337,7 @@ def test_oracle_unshared_embedding(cfg, label):
     )
 
 
+@pytest.mark.oracle
 def test_timestep_embedding_matches_diffusers():
     torch = pytest.importorskip("torch")
     emb_mod = pytest.importorskip("diffusers.models.embeddings")
@@ -347,6 +350,7 @@ def test_timestep_embedding_matches_diffusers():
         assert np.abs(ours - ref).max() < 1e-4  # measured 1.5e-5 (dim 32, t < 1000)
 
 
+@pytest.mark.oracle
 def test_oracle_timestep_forms():
     """Scalar, 0-d, (1,) and non-int64 timesteps are broadcast and embedded as diffusers'."""
     torch = pytest.importorskip("torch")
@@ -384,6 +388,7 @@ def test_oracle_timestep_forms():
         np.testing.assert_array_equal(y, same[0])
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize(
     "cfg,sizes",
     [
@@ -470,6 +475,7 @@ def _diffusers_forward_with_sizes(d):
     return forward
 
 
+@pytest.mark.oracle
 def test_three_levels_on_14x14_against_diffusers_blocks():
     torch = pytest.importorskip("torch")
     cfg = SEED14_3
@@ -652,6 +658,7 @@ def _forward32(m, x, t, c):
         return m(x.astype(np.float32), t, c)
 
 
+@pytest.mark.oracle
 def test_diffusers_saved_loads_into_xpdiff(tmp_path):
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
@@ -674,6 +681,7 @@ def test_diffusers_saved_loads_into_xpdiff(tmp_path):
     assert rel(y, ry) <= 1e-5
 
 
+@pytest.mark.oracle
 def test_xpdiff_saved_loads_into_diffusers(tmp_path):
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
@@ -815,6 +823,7 @@ def test_backward_needs_a_forward(small):
         small.backward(y)
 
 
+@pytest.mark.oracle
 def test_timesteps_of_another_library_are_taken(small):
     """Integer-like timesteps of any namespace work (issue 12, 3c); samples must not mix."""
     torch = pytest.importorskip("torch")
