@@ -183,6 +183,19 @@ def test_trained_classifier_heldout_accuracy(trained14, prepared14):
     )
 
 
+def test_first_use_notice_says_how_long_and_where(tmp_path, monkeypatch, capsys):
+    def quick(x, y, *, seed=0, xp=None, progress=False, **kw):
+        return DigitClassifier(14, xp=xp)  # untrained: only the notice is under test
+
+    monkeypatch.setattr(ev, "train_classifier", quick)
+    load_or_train_classifier(14, cache_dir=tmp_path)
+    err = capsys.readouterr().err
+    assert "training the 14x14 digit classifier that judges samples, once (about 1 minute" in err
+    assert f"cached in {tmp_path}" in err and "trained the digit classifier in" in err
+    load_or_train_classifier(14, cache_dir=tmp_path)
+    assert capsys.readouterr().err == ""  # from the cache: silent
+
+
 def test_cache_second_call_loads(trained14, prepared14, monkeypatch):
     model, cache = trained14
     files = sorted(p.name for p in cache.iterdir())

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from xpdiff import backend
-from xpdiff.images import grid, save_gif, save_grid
+from xpdiff.images import SEPARATOR, grid, save_gif, save_grid
 from xpdiff.models import UNet2DModel
 from xpdiff.nn import init
 from xpdiff.pipelines import generate
@@ -121,11 +121,60 @@ def test_grid_and_files(tmp_path):
     imgs = hx.ones((3, 1, 4, 5), dtype=hx.float32)
     g = grid(imgs, nrow=2, pad=1)
     assert g.shape == (2 * 5 + 1, 2 * 6 + 1) and int(g.max()) == 255
-    assert int(g[0, 0]) == 0 and int(g[-2, -2]) == 0  # padding and the empty fourth cell
+    # grey separators, and the empty fourth cell grey too
+    assert int(g[0, 0]) == SEPARATOR and int(g[-2, -2]) == SEPARATOR
+    assert int(g[1, 1]) == 255
     save_grid(imgs, tmp_path / "g.png", nrow=2)
     save_gif([imgs, -imgs], tmp_path / "g.gif", nrow=2)
     from PIL import Image
 
     assert Image.open(tmp_path / "g.gif").n_frames == 2
-    with pytest.raises(ValueError, match=r"expected \(N, 1, H, W\)"):
+    with pytest.raises(ValueError, match=r"expected \(N, 1, H, W\) or \(N, 3, H, W\)"):
         grid(hx.ones((3, 4, 5)), nrow=2)
+    with pytest.raises(ValueError, match=r"expected \(N, 1, H, W\) or \(N, 3, H, W\)"):
+        grid(hx.ones((3, 2, 4, 5)), nrow=2)
+
+
+def test_rgb_grid_keeps_the_colours(tmp_path):
+    hx = backend.namespace_for("numpy")
+    red = hx.stack([hx.ones((4, 5)), -hx.ones((4, 5)), -hx.ones((4, 5))])  # (3, H, W)
+    imgs = hx.stack([red, -red])  # red, then cyan
+    g = grid(imgs, nrow=2, pad=1, scale=2)
+    assert g.shape == (2 * (4 + 2), 2 * (2 * 5 + 3), 3) and g.dtype == hx.uint8
+    assert g[2, 2, :].tolist() == [255, 0, 0] and g[2, 14, :].tolist() == [0, 255, 255]
+    assert g[0, 0, :].tolist() == [SEPARATOR] * 3
+    save_grid(imgs, tmp_path / "rgb.png", nrow=2, row_labels=["a"])
+    from PIL import Image
+
+    assert Image.open(tmp_path / "rgb.png").mode == "RGB"
+
+
+def test_labels_title_and_gif_titles(tmp_path):
+    from PIL import Image
+
+    hx = backend.namespace_for("numpy")
+    imgs = -hx.ones((4, 1, 6, 6), dtype=hx.float32)
+    save_grid(imgs, tmp_path / "plain.png", nrow=2, scale=4)
+    save_grid(imgs, tmp_path / "rows.png", nrow=2, scale=4, row_labels=["0", "1"])
+    save_grid(imgs, tmp_path / "all.png", nrow=2, scale=4, title="t", col_labels=["a", "b"])
+    plain = Image.open(tmp_path / "plain.png")
+    rows = Image.open(tmp_path / "rows.png")
+    both = Image.open(tmp_path / "all.png")
+    assert plain.size == (2 * 7 * 4 + 4, 2 * 7 * 4 + 4)
+    assert rows.size[1] == plain.size[1] and rows.size[0] > plain.size[0]  # a left margin
+    assert both.size[0] == plain.size[0] and both.size[1] > plain.size[1]  # lines above, below
+    margin = hx.asarray(rows.convert("L"))[:, : rows.size[0] - plain.size[0]]
+    assert int(hx.min(margin)) < 128 and int(hx.max(margin)) == 255  # dark text on white
+    save_gif([imgs, imgs], tmp_path / "t.gif", nrow=2, titles=["step 0/1", "step 1/1"])
+    assert Image.open(tmp_path / "t.gif").n_frames == 2
+    with pytest.raises(ValueError, match=r"one title per frame \(2\), got 1"):
+        save_gif([imgs, imgs], tmp_path / "u.gif", nrow=2, titles=["x"])
+
+
+def test_generate_progress_bar(capsys):
+    m = model_on(backend.namespace_for("numpy"))
+    generate(m, DDIMScheduler(), [1, 2], num_inference_steps=3, progress=True)
+    err = capsys.readouterr().err
+    assert "sampling" in err
+    generate(m, DDIMScheduler(), [1, 2], num_inference_steps=3)
+    assert capsys.readouterr().err == ""

@@ -243,8 +243,11 @@ def test_cli_train_sample_evaluate_figure(tmp_path, capsys):
     assert Image.open(png).size[1] > Image.open(png).size[0]  # 10 rows of 2 digits
     assert Image.open(gif).n_frames >= 2
     fig = tmp_path / "noise.png"
+    capsys.readouterr()
     assert main(["noise-figure", "--out", str(fig), "--size", "14"]) == 0
-    assert fig.is_file()
+    assert "(squaredcos_cap_v2 schedule)" in capsys.readouterr().out  # training's schedule
+    w, h = Image.open(fig).size
+    assert w == 10 * 15 * 6 + 6 and h > 15 * 6 + 6 + 20  # frames, a title and the timesteps
 
 
 def test_metrics_log_has_rates(tmp_path):

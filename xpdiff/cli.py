@@ -74,8 +74,9 @@ def _train(args: argparse.Namespace) -> int:
     )
     if not args.no_samples:
         out = run / "samples.png"
+        steps = args.sample_steps or cfg.sample_steps
         _write_samples(
-            run, out, None, args.sample_steps or cfg.sample_steps, "ddim", None, 0, 10, cfg.backend
+            run, out, None, steps, "ddim", None, 0, 10, cfg.backend, not args.no_progress
         )
         print(f"wrote {out}")
     return 0
@@ -91,6 +92,7 @@ def _write_samples(
     seed: int,
     per_digit: int,
     backend_name: str,
+    progress: bool = True,
 ) -> None:
     from .images import save_gif, save_grid
     from .pipelines import generate
@@ -110,16 +112,26 @@ def _write_samples(
         null_class=cfg.null_class,
         seed=seed,
         return_trajectory=gif is not None,
+        progress=progress,
     )
     print(
         f"sampled {len(labels)} digits with {scheduler_name.upper()} {steps} steps, "
         f"guidance {guidance} in {time.perf_counter() - t0:.1f} s"
     )
-    save_grid(res.images, out, nrow=per_digit)
+    rows = [str(d) for d in range(10)]
+    save_grid(res.images, out, nrow=per_digit, row_labels=rows)
     if gif is not None:
-        stride = max(1, len(res.trajectory) // 40)
-        frames = res.trajectory[::stride] + [res.trajectory[-1]]
-        save_gif(frames, gif, nrow=per_digit)
+        # about 25 frames: the first (pure noise), every stride-th step and the last
+        last = len(res.trajectory) - 1
+        keep = sorted({*range(0, last, max(1, last // 24)), last})
+        title = f"{scheduler_name.upper()} {steps} steps, guidance {guidance}"
+        save_gif(
+            [res.trajectory[k] for k in keep],
+            gif,
+            nrow=per_digit,
+            row_labels=rows,
+            titles=[f"{title}: step {k}/{last}" for k in keep],
+        )
         print(f"wrote {gif}")
 
 
@@ -161,6 +173,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         guidance_scale=guidance,
         null_class=cfg.null_class,
         seed=args.seed,
+        progress=True,
     )
     took = time.perf_counter() - t0
     held = data.prepare(cfg.data, cfg.size, cfg.test_fraction, seed=0)
@@ -181,6 +194,7 @@ def _noise_figure(args: argparse.Namespace) -> int:
     from . import backend, data
     from .images import save_grid
     from .schedulers import DDPMScheduler
+    from .training import TrainConfig
 
     hx = backend.namespace_for("numpy")
     prep = data.prepare(args.data, args.size, 0.1, seed=0)
@@ -192,13 +206,21 @@ def _noise_figure(args: argparse.Namespace) -> int:
         )
     idx = found[0]
     x0 = prep.x_train[idx : idx + 1]
-    sched = DDPMScheduler(beta_schedule=args.beta_schedule)
-    ts = [0, 50, 100, 200, 300, 400, 500, 600, 800, 999]
+    T = TrainConfig.num_train_timesteps
+    sched = DDPMScheduler(num_train_timesteps=T, beta_schedule=args.beta_schedule)
+    ts = [0, 50, 100, 200, 300, 400, 500, 600, 800, T - 1]
     gen = backend.Generator(args.seed, hx)
     noise = gen.normal(tuple(x0.shape))
     frames = [sched.add_noise(x0, noise, [t]) for t in ts]
-    save_grid(hx.clip(hx.concat(frames), -1.0, 1.0), args.out, nrow=len(ts), scale=6)
-    print(f"wrote {args.out}: digit {args.digit} at t = {ts}")
+    save_grid(
+        hx.clip(hx.concat(frames), -1.0, 1.0),
+        args.out,
+        nrow=len(ts),
+        scale=6,
+        title=f"digit {args.digit} noised to step t of {T} ({args.beta_schedule} schedule)",
+        col_labels=[f"t={t}" for t in ts],
+    )
+    print(f"wrote {args.out}: digit {args.digit} at t = {ts} ({args.beta_schedule} schedule)")
     return 0
 
 
@@ -265,6 +287,8 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .training import TrainConfig
+
     fmt = _HelpFormatter
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -406,8 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument(
         "--beta-schedule",
         choices=("linear", "scaled_linear", "squaredcos_cap_v2"),
-        default="linear",
-        help="noise schedule",
+        default=TrainConfig.beta_schedule,
+        help="noise schedule, as in training",
     )
     n.add_argument("--seed", type=int, default=0, help="seed of the noise, >= 0")
     n.set_defaults(func=_noise_figure)

@@ -51,6 +51,8 @@ __all__ = [
 #: Bump when the architecture or the training recipe changes: old caches are then ignored.
 RECIPE_VERSION = 1
 NUM_CLASSES = 10
+#: How long training the classifier takes on first use, for the notice.
+_FIRST_USE = {14: "about 1 minute on 2 CPU cores", 28: "a few minutes on 2 CPU cores"}
 _EVAL_BATCH = 500
 #: Widths of the three convolutions by image size (14x14 convs are 4x cheaper, so wider),
 #: and the width of the feature layer.
@@ -435,11 +437,18 @@ def load_or_train_classifier(
                 file=sys.stderr,
             )
 
+    print(
+        f"training the {size}x{size} digit classifier that judges samples, once ("
+        f"{_FIRST_USE[size]}); it is cached in {root}",
+        file=sys.stderr,
+        flush=True,
+    )
     t0 = time.perf_counter()
     model = train_classifier(
         prep.x_train, prep.y_train, seed=seed, xp=xp, progress=progress, **train_kwargs
     )
     seconds = time.perf_counter() - t0
+    print(f"trained the digit classifier in {seconds:.0f} s", file=sys.stderr, flush=True)
     acc = model.accuracy(prep.x_test, prep.y_test)
     info = dict(
         record,

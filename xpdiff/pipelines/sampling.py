@@ -40,6 +40,7 @@ def generate(
     size: int | tuple[int, int] | None = None,
     return_trajectory: bool = False,
     max_batch: int = 256,
+    progress: bool = False,
 ) -> SampleResult:
     """Run the reverse process from pure noise.
 
@@ -57,6 +58,7 @@ def generate(
         size: output (H, W); defaults to the model's ``sample_size``.
         return_trajectory: keep a host copy of x_t after every step.
         max_batch: images per model call (guidance doubles the call's batch).
+        progress: show a progress bar of the sampling steps on stderr.
 
     Returns:
         ``SampleResult`` with images clipped to [-1, 1].
@@ -76,6 +78,7 @@ def generate(
     batch_size = check_int(where, "batch_size", batch_size, min=1, none=True)
     max_batch = check_int(where, "max_batch", max_batch, min=1)
     return_trajectory = check_bool(where, "return_trajectory", return_trajectory)
+    progress = check_bool(where, "progress", progress)
     if size is not None:
         size = (
             check_int(where, "size", size, min=1)
@@ -147,7 +150,7 @@ def generate(
         return outs[0] if len(outs) == 1 else xp.concat(outs)
 
     with no_grad():
-        for t in timesteps:
+        for t in _steps(timesteps, progress):
             eps = predict(x, t)
             x = scheduler.step(eps, t, x, generator=gen, **step_kw).prev_sample
             if return_trajectory:
@@ -159,6 +162,15 @@ def generate(
         )
     x = xp.clip(x, -1.0, 1.0)
     return SampleResult(images=x, labels=labels, timesteps=timesteps, trajectory=trajectory)
+
+
+def _steps(timesteps: list[int], progress: bool) -> Any:
+    """The timesteps, behind a progress bar (stderr) when ``progress``."""
+    if not progress:
+        return timesteps
+    from tqdm.auto import tqdm
+
+    return tqdm(timesteps, desc="sampling", unit="step", leave=False, dynamic_ncols=True)
 
 
 def _label_list(class_labels: Any) -> list[int]:
