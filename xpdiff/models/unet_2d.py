@@ -230,27 +230,10 @@ class UNet2DModel(Module, ConfigMixin):
             )
 
         def number(v: Any) -> int | float:
-            if hasattr(v, "shape") and hasattr(v, "dtype") and tuple(v.shape) == ():
-                v = backend.to_numpy(v)[()]  # a NumPy scalar or a 0-d array of any namespace
-            if not isinstance(v, bool):
-                try:
-                    return operator.index(v)
-                except TypeError:
-                    if isinstance(v, numbers.Real):
-                        return float(v)
-            raise TypeError(
-                f"UNet2DModel: expected an integer or real timestep (a number, "
-                f"a list of numbers or an array), got {timestep!r}"
-            )
+            return _timestep_number(v, timestep)
 
         def own(a: Any) -> bool:  # an array of the model's namespace and device?
-            try:
-                return (
-                    backend.get_namespace(a, self.conv_in.weight.data) is xp
-                    and backend.device(a) == dev
-                )
-            except (TypeError, ValueError):
-                return False
+            return _of_namespace(a, self.conv_in.weight.data, xp, dev)
 
         if isinstance(timestep, (list, tuple)):
             values = [number(v) for v in timestep]
@@ -530,3 +513,28 @@ def _from_pretrained(
 
 UNet2DModel.save_pretrained = _save_pretrained
 UNet2DModel.from_pretrained = classmethod(_from_pretrained)
+
+
+def _timestep_number(v: Any, timestep: Any) -> int | float:
+    """One timestep value (a number, a NumPy scalar or a 0-d array) as a Python int or float;
+    ``timestep`` is the whole argument, for the message."""
+    if hasattr(v, "shape") and hasattr(v, "dtype") and tuple(v.shape) == ():
+        v = backend.to_numpy(v)[()]  # a NumPy scalar or a 0-d array of any namespace
+    if not isinstance(v, bool):
+        try:
+            return operator.index(v)
+        except TypeError:
+            if isinstance(v, numbers.Real):
+                return float(v)
+    raise TypeError(
+        f"UNet2DModel: expected an integer or real timestep (a number, "
+        f"a list of numbers or an array), got {timestep!r}"
+    )
+
+
+def _of_namespace(a: Any, like: Any, xp: Any, dev: Any) -> bool:
+    """Whether ``a`` is an array of namespace ``xp`` (that of ``like``) on device ``dev``."""
+    try:
+        return backend.get_namespace(a, like) is xp and backend.device(a) == dev
+    except (TypeError, ValueError):
+        return False

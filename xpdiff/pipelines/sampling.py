@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,74 +85,29 @@ def generate(
             if not isinstance(size, (tuple, list))
             else tuple(check_int_list(where, "size", size, min=1, length=2))
         )
-    cfg = model.config
-    xp, dtype = model.xp, model.dtype
-    dev = backend.device(model.conv_in.weight.data)
-    n_classes = cfg["num_class_embeds"]
-    if class_labels is None:
-        if batch_size is None:
-            raise ValueError("generate: expected class_labels or batch_size, got neither")
-        if n_classes:
-            raise ValueError(
-                f"generate: the model is class-conditional ({n_classes} classes); pass class_labels"
-            )
-        labels = None
-        B = batch_size
-    else:
-        labels = _label_list(class_labels)
-        B = len(labels)
-        if not n_classes:
-            raise ValueError("generate: class_labels given but the model has no class embedding")
-        bad = [c for c in labels if not 0 <= c < n_classes]
-        if bad:
-            raise ValueError(f"generate: expected labels in [0, {n_classes}), got {bad}")
-    if guidance_scale != 1.0:
-        if labels is None or null_class is None:
-            raise ValueError("generate: guidance_scale != 1 needs class_labels and null_class")
-        if not 0 <= null_class < n_classes:
-            raise ValueError(f"generate: null_class must be in [0, {n_classes}), got {null_class}")
+    labels, B = _labels_and_batch(model, class_labels, batch_size)
+    _check_guidance(model, labels, guidance_scale, null_class)
     if not isinstance(scheduler, (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler)):
         raise ValueError(
             f"generate: expected a DDPMScheduler or DDIMScheduler (or a "
             f"DPMSolverMultistepScheduler), got "
             f"{type(scheduler).__name__}"
         )
-    if size is None:
-        size = cfg["sample_size"]
-    if size is None:
-        raise ValueError("generate: the model has no sample_size; pass size=(H, W)")
-    H, W = (size, size) if isinstance(size, int) else tuple(size)
+    H, W = _image_size(model, size)
 
-    gen = backend.Generator(seed, xp, device=dev)
-    x = gen.normal((B, cfg["in_channels"], H, W), dtype=dtype)
+    # 1. initial noise and the timestep grid
+    xp = model.xp
+    gen = backend.Generator(seed, xp, device=backend.device(model.conv_in.weight.data))
+    x = gen.normal((B, model.config["in_channels"], H, W), dtype=model.dtype)
     scheduler.set_timesteps(num_inference_steps)
     timesteps = [int(t) for t in scheduler.timesteps]
-    lab = backend.asarray(labels, xp, dtype=xp.int64, device=dev) if labels is not None else None
-    guided = guidance_scale != 1.0
-    if guided:
-        null = xp.full((B,), null_class, dtype=xp.int64, device=dev)
-        lab2 = xp.concat([lab, null])
+    # 2. the (guided) noise prediction, 3. the reverse process
+    predict = _predictor(model, labels, guidance_scale, null_class, max_batch)
     trajectory = [backend.to_numpy(x)] if return_trajectory else []
     step_kw = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
-
-    def predict(xt: Any, t: int) -> Any:
-        outs = []
-        for s in range(0, B, max_batch):
-            e = min(B, s + max_batch)
-            if guided:
-                xin = xp.concat([xt[s:e, ...], xt[s:e, ...]])
-                lin = xp.concat([lab2[s:e], lab2[B + s : B + e]])
-                both = model(xin, t, lin)
-                cond, uncond = both[: e - s, ...], both[e - s :, ...]
-                outs.append(uncond + guidance_scale * (cond - uncond))
-            else:
-                outs.append(model(xt[s:e, ...], t, lab[s:e] if lab is not None else None))
-        return outs[0] if len(outs) == 1 else xp.concat(outs)
-
     with no_grad():
         for t in _steps(timesteps, progress):
-            eps = predict(x, t)
-            x = scheduler.step(eps, t, x, generator=gen, **step_kw).prev_sample
+            x = scheduler.step(predict(x, t), t, x, generator=gen, **step_kw).prev_sample
             if return_trajectory:
                 trajectory.append(backend.to_numpy(x))
     if not bool(xp.all(xp.isfinite(x))):
@@ -162,6 +117,83 @@ def generate(
         )
     x = xp.clip(x, -1.0, 1.0)
     return SampleResult(images=x, labels=labels, timesteps=timesteps, trajectory=trajectory)
+
+
+def _labels_and_batch(
+    model: UNet2DModel, class_labels: Any, batch_size: int | None
+) -> tuple[list[int] | None, int]:
+    """The requested labels (None for an unconditional model) and the number of images."""
+    n_classes = model.config["num_class_embeds"]
+    if class_labels is None:
+        if batch_size is None:
+            raise ValueError("generate: expected class_labels or batch_size, got neither")
+        if n_classes:
+            raise ValueError(
+                f"generate: the model is class-conditional ({n_classes} classes); pass class_labels"
+            )
+        return None, batch_size
+    labels = _label_list(class_labels)
+    if not n_classes:
+        raise ValueError("generate: class_labels given but the model has no class embedding")
+    bad = [c for c in labels if not 0 <= c < n_classes]
+    if bad:
+        raise ValueError(f"generate: expected labels in [0, {n_classes}), got {bad}")
+    return labels, len(labels)
+
+
+def _check_guidance(
+    model: UNet2DModel, labels: list[int] | None, guidance_scale: float, null_class: int | None
+) -> None:
+    if guidance_scale == 1.0:
+        return
+    if labels is None or null_class is None:
+        raise ValueError("generate: guidance_scale != 1 needs class_labels and null_class")
+    n_classes = model.config["num_class_embeds"]
+    if not 0 <= null_class < n_classes:
+        raise ValueError(f"generate: null_class must be in [0, {n_classes}), got {null_class}")
+
+
+def _image_size(model: UNet2DModel, size: int | tuple[int, ...] | None) -> tuple[int, int]:
+    if size is None:
+        size = model.config["sample_size"]
+    if size is None:
+        raise ValueError("generate: the model has no sample_size; pass size=(H, W)")
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def _predictor(
+    model: UNet2DModel,
+    labels: list[int] | None,
+    guidance_scale: float,
+    null_class: int | None,
+    max_batch: int,
+) -> Callable[[Any, int], Any]:
+    """``predict(x_t, t)``: the model's noise prediction in chunks of ``max_batch`` images;
+    with guidance w != 1, ``eps_null + w * (eps_label - eps_null)``, both halves from one
+    call on the doubled chunk."""
+    xp, dev = model.xp, backend.device(model.conv_in.weight.data)
+    lab = null = None
+    if labels is not None:
+        lab = backend.asarray(labels, xp, dtype=xp.int64, device=dev)
+        null = xp.full((len(labels),), null_class or 0, dtype=xp.int64, device=dev)
+    guided = guidance_scale != 1.0
+
+    def predict(xt: Any, t: int) -> Any:
+        B = xt.shape[0]
+        outs = []
+        for s in range(0, B, max_batch):
+            e = min(B, s + max_batch)
+            if guided:
+                both = model(
+                    xp.concat([xt[s:e, ...], xt[s:e, ...]]), t, xp.concat([lab[s:e], null[s:e]])
+                )
+                cond, uncond = both[: e - s, ...], both[e - s :, ...]
+                outs.append(uncond + guidance_scale * (cond - uncond))
+            else:
+                outs.append(model(xt[s:e, ...], t, lab[s:e] if lab is not None else None))
+        return outs[0] if len(outs) == 1 else xp.concat(outs)
+
+    return predict
 
 
 def _steps(timesteps: list[int], progress: bool) -> Any:
