@@ -336,3 +336,11 @@ def test_state_dict_is_json_describable():
     sd = Tiny().state_dict()
     manifest = json.dumps({k: list(v.shape) for k, v in sd.items()})
     assert json.loads(manifest)["heads.0.weight"] == [2, 4]
+
+
+def test_namespace_dtype_and_device_of_a_module(xp):
+    m = Sequential([SiLU(), Linear(3, 2, dtype="float64", xp=xp)])
+    assert m.xp is xp and backend.dtype_name(m.dtype) == "float64"
+    assert m.device == backend.device(m[1].weight.data)
+    with pytest.raises(AttributeError, match="SiLU has no parameters"):
+        _ = SiLU().dtype

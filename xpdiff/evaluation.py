@@ -180,8 +180,7 @@ class DigitClassifier(Module):
     # -- convenience ------------------------------------------------------------
     def _as_input(self, images: Any) -> Any:
         """``images`` (any library) in the weights' namespace, device and dtype."""
-        ref = self.conv1.weight.data
-        xp = backend.get_namespace(ref)
+        xp, dtype = self.xp, self.dtype
         if not hasattr(images, "dtype"):
             raise TypeError(
                 f"{self._where()}: expected an array of images, got {type(images).__name__}"
@@ -192,13 +191,13 @@ class DigitClassifier(Module):
                 f"{self._where()}: expected float images in [-1, 1], got dtype "
                 f"{backend.dtype_name(images.dtype)} (convert with xpdiff.data.to_model_range)"
             )
-        if ixp is xp and images.dtype == ref.dtype:
+        if ixp is xp and images.dtype == dtype:
             return images
-        return backend.asarray(images, xp, dtype=ref.dtype, device=backend.device(ref))
+        return backend.asarray(images, xp, dtype=dtype, device=self.device)
 
     def _batched(self, images: Any, fn: Any, batch_size: int) -> Any:
         self.check_images(images)
-        xp = backend.get_namespace(self.conv1.weight.data)
+        xp = self.xp
         n = images.shape[0]
         outs = []
         with no_grad():
@@ -214,7 +213,7 @@ class DigitClassifier(Module):
 
     def predict(self, images: Any, batch_size: int = _EVAL_BATCH) -> Any:
         """Predicted digits (N,) int64, in the weights' namespace."""
-        xp = backend.get_namespace(self.conv1.weight.data)
+        xp = self.xp
         return xp.astype(xp.argmax(self.logits(images, batch_size), axis=1), xp.int64)
 
     def embed(self, images: Any, batch_size: int = _EVAL_BATCH) -> Any:

@@ -210,14 +210,6 @@ class UNet2DModel(Module, ConfigMixin):
         self.conv_out = Conv2d(ch[0], out_channels, 3, padding=1, **kw)
 
     # ------------------------------------------------------------------
-    @property
-    def dtype(self) -> Any:
-        return self.conv_in.weight.data.dtype
-
-    @property
-    def xp(self) -> Any:
-        return backend.get_namespace(self.conv_in.weight.data)
-
     def _timesteps(self, timestep: Any, batch: int, xp: Any, dev: Any) -> Any:
         """``timestep`` as a (B,) array of the model's namespace: a Python or NumPy number,
         a list of those, or an array (0-d or (1,) or (B,)) of any namespace; integer or

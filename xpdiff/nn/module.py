@@ -92,6 +92,27 @@ class Module:
         object.__setattr__(self, "_cache", None)
         object.__setattr__(self, "_out_shape", None)
 
+    # -- where the parameters live ---------------------------------------------
+    def _first_parameter(self) -> Any:
+        for _, p in self.named_parameters():
+            return p.data
+        raise AttributeError(f"{type(self).__name__} has no parameters")
+
+    @property
+    def xp(self) -> Any:
+        """The array-API namespace of the parameters (of the first one)."""
+        return backend.get_namespace(self._first_parameter())
+
+    @property
+    def dtype(self) -> Any:
+        """The dtype of the parameters (of the first one)."""
+        return self._first_parameter().dtype
+
+    @property
+    def device(self) -> Any:
+        """The device of the parameters (of the first one)."""
+        return backend.device(self._first_parameter())
+
     # -- registration --------------------------------------------------------
     def __setattr__(self, name: str, value: Any) -> None:
         if "_params" not in self.__dict__:

@@ -97,7 +97,7 @@ def generate(
 
     # 1. initial noise and the timestep grid
     xp = model.xp
-    gen = backend.Generator(seed, xp, device=backend.device(model.conv_in.weight.data))
+    gen = backend.Generator(seed, xp, device=model.device)
     x = gen.normal((B, model.config["in_channels"], H, W), dtype=model.dtype)
     scheduler.set_timesteps(num_inference_steps)
     timesteps = [int(t) for t in scheduler.timesteps]
@@ -171,7 +171,7 @@ def _predictor(
     """``predict(x_t, t)``: the model's noise prediction in chunks of ``max_batch`` images;
     with guidance w != 1, ``eps_null + w * (eps_label - eps_null)``, both halves from one
     call on the doubled chunk."""
-    xp, dev = model.xp, backend.device(model.conv_in.weight.data)
+    xp, dev = model.xp, model.device
     lab = null = None
     if labels is not None:
         lab = backend.asarray(labels, xp, dtype=xp.int64, device=dev)
