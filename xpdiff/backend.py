@@ -169,6 +169,11 @@ def namespace_for(name: str) -> Any:
     return xp
 
 
+def host_namespace() -> Any:
+    """The namespace of host (NumPy) arrays: files, splits, statistics and pictures."""
+    return namespace_for("numpy")
+
+
 def default_namespace() -> Any:
     """Namespace of the default backend."""
     return namespace_for(get_backend())

@@ -94,6 +94,7 @@ def _write_samples(
     backend_name: str,
     progress: bool = True,
 ) -> None:
+    from .data import NUM_CLASSES
     from .images import save_gif, save_grid
     from .pipelines import generate
     from .training import load_for_sampling
@@ -101,7 +102,7 @@ def _write_samples(
     model, cfg = load_for_sampling(ckpt, backend_name)
     guidance = cfg.guidance_scale if guidance is None else guidance
     sched = cfg.sampling_scheduler(scheduler_name)
-    labels = [d for d in range(10) for _ in range(per_digit)]
+    labels = [d for d in range(NUM_CLASSES) for _ in range(per_digit)]
     t0 = time.perf_counter()
     res = generate(
         model,
@@ -118,7 +119,7 @@ def _write_samples(
         f"sampled {len(labels)} digits with {scheduler_name.upper()} {steps} steps, "
         f"guidance {guidance} in {time.perf_counter() - t0:.1f} s"
     )
-    rows = [str(d) for d in range(10)]
+    rows = [str(d) for d in range(NUM_CLASSES)]
     save_grid(res.images, out, nrow=per_digit, row_labels=rows)
     if gif is not None:
         # about 25 frames: the first (pure noise), every stride-th step and the last
@@ -163,7 +164,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     clf = load_or_train_classifier(cfg.size, data_path=cfg.data)
     sched = cfg.sampling_scheduler(args.scheduler)
     steps = args.steps if args.steps is not None else _DEFAULT_STEPS[args.scheduler]
-    labels = [d for d in range(10) for _ in range(args.per_digit)]
+    labels = [d for d in range(data.NUM_CLASSES) for _ in range(args.per_digit)]
     t0 = time.perf_counter()
     res = generate(
         model,

@@ -57,10 +57,6 @@ MNIST_5K_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist5k
 _MNIST_5K_FILES = ("images-idx3-ubyte", "labels-idx1-ubyte")
 
 
-def _hx() -> Any:
-    return backend.namespace_for("numpy")
-
-
 # ---------------------------------------------------------------------------
 # the embedded 5k MNIST subset
 # ---------------------------------------------------------------------------
@@ -156,7 +152,7 @@ def load_idx(images_path: str | os.PathLike, labels_path: str | os.PathLike) -> 
         raise ValueError(
             f"{labels_path}: expected labels in 0..{NUM_CLASSES - 1}, found {lab[i]} at index {i}"
         )
-    hx = _hx()
+    hx = backend.host_namespace()
     images = backend.host_frombuffer(pix, (n, rows, cols))
     return images, hx.astype(backend.host_frombuffer(lab, (m,)), hx.int64)
 
@@ -276,7 +272,7 @@ def train_test_split(
         "train_test_split", "test_fraction", test_fraction, min=0.0, max=1.0, max_open=True
     )
     seed = check_int("train_test_split", "seed", seed, min=0)
-    hx = _hx()
+    hx = backend.host_namespace()
     images, labels = backend.to_numpy(images), backend.to_numpy(labels)
     n = labels.shape[0]
     if images.shape[0] != n:
@@ -337,7 +333,7 @@ def batches(
 def _batch_iter(
     images: Any, labels: Any, perm: Any, starts: range, batch_size: int, stop: int
 ) -> Iterator[tuple[Any, Any]]:
-    hx = _hx()
+    hx = backend.host_namespace()
     for s in starts:
         idx = perm[s : min(s + batch_size, stop)]
         yield hx.take(images, idx, axis=0), hx.take(labels, idx, axis=0)
@@ -384,7 +380,7 @@ def prepare(
     """
     if size not in (28, 14):
         raise ValueError(f"prepare: size must be 28 or 14, got {size}")
-    hx = _hx()
+    hx = backend.host_namespace()
     images, labels = load_dataset(path)
     if images.shape[1:] != (28, 28):
         raise ValueError(f"prepare: expected 28x28 images, got {images.shape[1:]}")

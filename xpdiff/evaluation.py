@@ -32,6 +32,7 @@ from . import backend
 from . import data as xdata
 from . import io as xio
 from ._validation import check_bool, check_float, check_int, check_int_list
+from .data import NUM_CLASSES
 from .functional.losses import cross_entropy
 from .nn import init
 from .nn.layers import Conv2d, Linear, ReLU
@@ -50,7 +51,6 @@ __all__ = [
 
 #: Bump when the architecture or the training recipe changes: old caches are then ignored.
 RECIPE_VERSION = 1
-NUM_CLASSES = 10
 #: How long training the classifier takes on first use, for the notice.
 _FIRST_USE = {14: "about 1 minute on 2 CPU cores", 28: "a few minutes on 2 CPU cores"}
 _EVAL_BATCH = 500
@@ -62,10 +62,6 @@ FEATURE_DIM = 64
 #: Training epochs by image size (``train_classifier(epochs=None)``).
 EPOCHS = {14: 20, 28: 15}
 DEFAULT_EPOCHS = 15
-
-
-def _hx() -> Any:
-    return backend.namespace_for("numpy")
 
 
 # ---------------------------------------------------------------------------
@@ -225,7 +221,7 @@ class DigitClassifier(Module):
         pred = backend.to_numpy(self.predict(images, batch_size))
         lab = backend.to_numpy(labels)
         _check_count("DigitClassifier.accuracy", images, lab)
-        hx = _hx()
+        hx = backend.host_namespace()
         n = lab.shape[0]
         if not n:
             return 0.0
@@ -254,7 +250,7 @@ def _shift_augment(x: Any, max_shift: int, gen: backend.Generator, fine: int = 1
     """
     if max_shift <= 0:
         return x
-    hx = _hx()
+    hx = backend.host_namespace()
     B, C, S, _ = x.shape
     if fine > 1:
         up = hx.broadcast_to(x[:, :, :, None, :, None], (B, C, S, fine, S, fine))
@@ -307,7 +303,7 @@ def train_classifier(
     check_float(where, "weight_decay", weight_decay, min=0.0)
     check_bool(where, "augment", augment)
     check_int(where, "seed", seed, min=0)
-    hx = _hx()
+    hx = backend.host_namespace()
     x_host = backend.to_numpy(images)
     y_host = backend.to_numpy(labels)
     if len(x_host.shape) != 4 or x_host.shape[1] != 1 or x_host.shape[2] != x_host.shape[3]:
@@ -475,7 +471,7 @@ def _cache_root(path: Any) -> Path:
 # Frechet distance
 # ---------------------------------------------------------------------------
 def _host_feats(where: str, feats: Any, name: str) -> Any:
-    hx = _hx()
+    hx = backend.host_namespace()
     a = hx.astype(hx.asarray(backend.to_numpy(feats)), hx.float64)
     if len(a.shape) != 2:
         raise ValueError(f"{where}: expected {name} of shape (N, D), got {tuple(a.shape)}")
@@ -487,7 +483,7 @@ def _host_feats(where: str, feats: Any, name: str) -> Any:
 
 
 def _mean_cov(a: Any) -> tuple[Any, Any]:
-    hx = _hx()
+    hx = backend.host_namespace()
     mu = hx.mean(a, axis=0)
     c = a - mu[None, :]
     cov = (c.T @ c) / (a.shape[0] - 1)
@@ -496,7 +492,7 @@ def _mean_cov(a: Any) -> tuple[Any, Any]:
 
 def _sqrt_psd(m: Any) -> Any:
     """Symmetric square root of a symmetric positive semi-definite matrix via eigh."""
-    hx = _hx()
+    hx = backend.host_namespace()
     w, v = hx.linalg.eigh((m + m.T) / 2.0)
     w = hx.sqrt(hx.clip(w, 0.0, None))
     return (v * w[None, :]) @ v.T
@@ -510,7 +506,7 @@ def frechet_distance(feats_a: Any, feats_b: Any) -> float:
     eigenvalues clamped to 0.  Covariances use ``N - 1``.
     """
     where = "frechet_distance"
-    hx = _hx()
+    hx = backend.host_namespace()
     a = _host_feats(where, feats_a, "feats_a")
     b = _host_feats(where, feats_b, "feats_b")
     if a.shape[1] != b.shape[1]:
@@ -602,7 +598,7 @@ def evaluate_samples(
         raise TypeError(f"{where}: expected a DigitClassifier, got {type(classifier).__name__}")
     classifier.check_images(images, "generated images")
     classifier.check_images(real_images, "real images")
-    hx = _hx()
+    hx = backend.host_namespace()
     req = hx.astype(hx.asarray(backend.to_numpy(requested_labels)), hx.int64)
     _check_count(where, images, req)
     n, m = int(images.shape[0]), int(real_images.shape[0])

@@ -50,8 +50,6 @@ __all__ = [
     "load_for_sampling",
 ]
 
-NUM_DIGITS = 10
-
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
@@ -114,7 +112,7 @@ class TrainConfig:
 
     @property
     def null_class(self) -> int:
-        return NUM_DIGITS
+        return data.NUM_CLASSES
 
     def validate(self, where: str = "TrainConfig") -> None:
         """Check the type and range of every field.
@@ -209,7 +207,7 @@ class TrainConfig:
             "layers_per_block": self.layers_per_block,
             "norm_num_groups": self.norm_num_groups,
             "attention_head_dim": self.attention_head_dim,
-            "num_class_embeds": NUM_DIGITS + 1,  # the last index is the "no label" class
+            "num_class_embeds": data.NUM_CLASSES + 1,  # the last index is the "no label" class
         }
 
     def scheduler(self) -> DDPMScheduler:
