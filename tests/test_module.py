@@ -344,3 +344,18 @@ def test_namespace_dtype_and_device_of_a_module(xp):
     assert m.device == backend.device(m[1].weight.data)
     with pytest.raises(AttributeError, match="SiLU has no parameters"):
         _ = SiLU().dtype
+
+
+def test_seeded_initialisation_leaves_the_global_generator_alone():
+    def weights():
+        return backend.to_numpy(Linear(3, 2).weight.data)
+
+    init.manual_seed(3)
+    first = weights()
+    init.manual_seed(3)
+    with init.seeded(7):
+        inside = weights()
+    np.testing.assert_array_equal(weights(), first)  # as if nothing had been drawn
+    with init.seeded(7):
+        np.testing.assert_array_equal(weights(), inside)
+    assert not np.array_equal(inside, first)

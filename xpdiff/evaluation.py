@@ -106,10 +106,7 @@ class DigitClassifier(Module):
         check_int("DigitClassifier", "seed", seed, min=0, none=True)
         c1, c2, c3 = self.channels
         side = (((self.size + 1) // 2) + 1) // 2  # after two stride-2 convs with padding 1
-        prev = init._rng
-        if seed is not None:
-            init.manual_seed(seed)
-        try:
+        with init.seeded(seed):
             self.conv1 = Conv2d(1, c1, 3, stride=1, padding=1, dtype=dtype, xp=xp)
             self.act1 = ReLU()
             self.conv2 = Conv2d(c1, c2, 3, stride=2, padding=1, dtype=dtype, xp=xp)
@@ -119,9 +116,6 @@ class DigitClassifier(Module):
             self.fc1 = Linear(c3 * side * side, FEATURE_DIM, dtype=dtype, xp=xp)
             self.act4 = ReLU()
             self.fc2 = Linear(FEATURE_DIM, NUM_CLASSES, dtype=dtype, xp=xp)
-        finally:
-            if seed is not None:
-                init._rng = prev
         self.feature_dim = FEATURE_DIM
         self.info: dict = {}
 

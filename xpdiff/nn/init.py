@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from .. import backend
 
-__all__ = ["manual_seed", "normal", "ones", "uniform", "zeros"]
+__all__ = ["manual_seed", "normal", "ones", "seeded", "uniform", "zeros"]
 
 _rng: backend.Generator | None = None
 
@@ -15,6 +17,22 @@ def manual_seed(seed: int) -> None:
     """Seed the generator every layer constructor draws its initial weights from."""
     global _rng
     _rng = backend.Generator(seed, backend.namespace_for("numpy"))
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Layers built inside draw their weights from a generator seeded with ``seed``; the
+    global generator (``manual_seed``) is left as it was.  ``None`` uses the global one."""
+    global _rng
+    if seed is None:
+        yield
+        return
+    prev = _rng
+    _rng = backend.Generator(seed, backend.namespace_for("numpy"))
+    try:
+        yield
+    finally:
+        _rng = prev
 
 
 def _gen() -> backend.Generator:
