@@ -368,6 +368,63 @@ class UNet2DModel(Module, ConfigMixin):
         self.time_embedding.backward(gemb)
         return gsample
 
+    # -- files (diffusers' layout) ------------------------------------------------
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, variant: str | None = None
+    ) -> None:
+        """Write ``config.json`` and ``diffusion_pytorch_model.safetensors`` (diffusers' layout;
+        ``diffusion_pytorch_model.<variant>.safetensors`` with ``variant``), atomically.
+
+        Warns (``UserWarning``) when ``sample_size`` is not divisible by 2^(levels - 1):
+        xpdiff runs such a model (each upsampler goes to its skip state's size), diffusers'
+        UNet2DModel does not.
+        """
+        levels = len(self.config["block_out_channels"])
+        size = self.config["sample_size"]
+        sizes = [] if size is None else ([size] if isinstance(size, int) else list(size))
+        factor = 2 ** (levels - 1)
+        if any(s % factor for s in sizes):
+            warnings.warn(
+                f"UNet2DModel.save_pretrained: sample_size {size} is not divisible by "
+                f"2^(levels - 1) = {factor}; xpdiff runs this model but diffusers' UNet2DModel "
+                f"cannot (its upsampled and skip states differ in size)",
+                stacklevel=2,
+            )
+        directory = Path(save_directory)
+        io.save_safetensors(
+            self.state_dict(), directory / io.weights_name(variant), metadata={"format": "pt"}
+        )
+        self.save_config(directory)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        subfolder: str | None = None,
+        *,
+        variant: str | None = None,
+        dtype: str = "float32",
+        xp: Any = None,
+        **overrides: Any,
+    ) -> UNet2DModel:
+        """Load a model saved by ``save_pretrained`` here or by diffusers.
+
+        ``subfolder`` (``"unet"`` of a pipeline) is joined to ``path``; ``variant="fp16"``
+        reads ``diffusion_pytorch_model.fp16.safetensors``.  float16 and bfloat16 weights are
+        upcast to ``dtype``; older attention names (``query``, ``proj_attn``...) are converted.
+        ``overrides`` replace config values.
+
+        Raises:
+            ValueError: unsupported config values; a directory with only pickle (``.bin``)
+                weights, which are never loaded; a missing variant.
+            KeyError: weights whose keys or shapes do not match (all of them listed).
+        """
+        directory = Path(path) / subfolder if subfolder else Path(path)
+        model = cls.from_config(cls.load_config(directory), dtype=dtype, xp=xp, **overrides)
+        state = io.load_weights(directory, variant, where=f"{cls.__name__}.from_pretrained")
+        model.load_state_dict(convert_legacy_attention_keys(state))
+        return model
+
 
 def _checked_args(args: dict) -> dict:
     """Type and range of every numeric, boolean and list argument of ``UNet2DModel``;
@@ -444,67 +501,6 @@ def convert_legacy_attention_keys(state: dict) -> dict:
         m = _LEGACY_KEY.match(name)
         out[f"{m[1]}{_LEGACY_ATTENTION[m[2]]}.{m[3]}" if m else name] = value
     return out
-
-
-def _save_pretrained(
-    self: UNet2DModel, save_directory: str | os.PathLike, *, variant: str | None = None
-) -> None:
-    """Write ``config.json`` and ``diffusion_pytorch_model.safetensors`` (diffusers' layout;
-    ``diffusion_pytorch_model.<variant>.safetensors`` with ``variant``), atomically.
-
-    Warns (``UserWarning``) when ``sample_size`` is not divisible by 2^(levels - 1):
-    xpdiff runs such a model (each upsampler goes to its skip state's size), diffusers'
-    UNet2DModel does not.
-    """
-    levels = len(self.config["block_out_channels"])
-    size = self.config["sample_size"]
-    sizes = [] if size is None else ([size] if isinstance(size, int) else list(size))
-    factor = 2 ** (levels - 1)
-    if any(s % factor for s in sizes):
-        warnings.warn(
-            f"UNet2DModel.save_pretrained: sample_size {size} is not divisible by "
-            f"2^(levels - 1) = {factor}; xpdiff runs this model but diffusers' UNet2DModel "
-            f"cannot (its upsampled and skip states differ in size)",
-            stacklevel=2,
-        )
-    directory = Path(save_directory)
-    io.save_safetensors(
-        self.state_dict(), directory / io.weights_name(variant), metadata={"format": "pt"}
-    )
-    self.save_config(directory)
-
-
-def _from_pretrained(
-    cls: type,
-    path: str | os.PathLike,
-    subfolder: str | None = None,
-    *,
-    variant: str | None = None,
-    dtype: str = "float32",
-    xp: Any = None,
-    **overrides: Any,
-) -> UNet2DModel:
-    """Load a model saved by ``save_pretrained`` here or by diffusers.
-
-    ``subfolder`` (``"unet"`` of a pipeline) is joined to ``path``; ``variant="fp16"``
-    reads ``diffusion_pytorch_model.fp16.safetensors``.  float16 and bfloat16 weights are
-    upcast to ``dtype``; older attention names (``query``, ``proj_attn``...) are converted.
-    ``overrides`` replace config values.
-
-    Raises:
-        ValueError: unsupported config values; a directory with only pickle (``.bin``)
-            weights, which are never loaded; a missing variant.
-        KeyError: weights whose keys or shapes do not match (all of them listed).
-    """
-    directory = Path(path) / subfolder if subfolder else Path(path)
-    model = cls.from_config(cls.load_config(directory), dtype=dtype, xp=xp, **overrides)
-    state = io.load_weights(directory, variant, where=f"{cls.__name__}.from_pretrained")
-    model.load_state_dict(convert_legacy_attention_keys(state))
-    return model
-
-
-UNet2DModel.save_pretrained = _save_pretrained
-UNet2DModel.from_pretrained = classmethod(_from_pretrained)
 
 
 def _timestep_number(v: Any, timestep: Any) -> int | float:
