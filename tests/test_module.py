@@ -1,4 +1,4 @@
-"""The Module system: names, state dicts, gradients, no_grad, moving, train/eval, containers."""
+"""The Module system: names, state dicts, gradients, no_grad, moving, containers."""
 
 from __future__ import annotations
 
@@ -275,17 +275,6 @@ def test_to_rejects_bad_dtype_and_backend():
         m.to(dtype="int8")
     with pytest.raises(ValueError, match=r"namespace_for: expected numpy"):
         m.to("jax")
-
-
-def test_train_eval_flags():
-    m = Sequential([Linear(2, 2), Sequential([ReLU(), Identity()])])
-    assert all(mod.training for mod in m.modules())
-    assert m.eval() is m
-    assert not any(mod.training for mod in m.modules())
-    m[1].train()
-    assert [mod.training for mod in m.modules()] == [False, False, True, True, True]
-    m.train(True)
-    assert all(mod.training for mod in m.modules())
 
 
 # ---------------------------------------------------------------------------

@@ -288,7 +288,7 @@ def train_classifier(
         progress: print one line per epoch to stderr.
 
     Returns:
-        The trained classifier, in eval mode, weights in ``xp``.
+        The trained classifier, weights in ``xp``.
     """
     where = "train_classifier"
     check_int(where, "epochs", epochs, min=1, none=True)
@@ -329,7 +329,6 @@ def train_classifier(
     shift = (2 if fine > 1 else max(1, round(2 * size / 28))) if augment else 0
     step = 0
     t0 = time.perf_counter()
-    model.train()
     for epoch in range(epochs):
         loss_sum, correct = 0.0, 0
         for xb, yb in xdata.batches(x_host, y_host, batch_size, gen):
@@ -352,7 +351,6 @@ def train_classifier(
                 file=sys.stderr,
                 flush=True,
             )
-    model.eval()
     return model
 
 
@@ -417,7 +415,6 @@ def load_or_train_classifier(
             if all(info.get(k) == v for k, v in record.items()):
                 model = DigitClassifier(size, channels=info["channels"], xp=xp)
                 model.load_state_dict(xio.load_safetensors(weights))
-                model.eval()
                 model.info = info
                 return model
         except Exception as err:  # unreadable or mismatched files: train afresh

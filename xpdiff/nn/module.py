@@ -88,7 +88,6 @@ class Module:
     def __init__(self) -> None:
         object.__setattr__(self, "_params", OrderedDict())
         object.__setattr__(self, "_modules", OrderedDict())
-        object.__setattr__(self, "training", True)
         object.__setattr__(self, "_cache", None)
         object.__setattr__(self, "_out_shape", None)
 
@@ -193,14 +192,6 @@ class Module:
         """Drop every parameter gradient (the next backward stores fresh ones)."""
         for p in self.parameters():
             p.grad = None
-
-    def train(self, mode: bool = True) -> Module:
-        for m in self.modules():
-            object.__setattr__(m, "training", mode)
-        return self
-
-    def eval(self) -> Module:
-        return self.train(False)
 
     # -- state ---------------------------------------------------------------
     def state_dict(self) -> OrderedDict:
