@@ -5,9 +5,9 @@ python examples/sample_digits.py runs/example --out digits.png [--backend cupy]
 
 import argparse
 
-from xpdiff.images import save_grid
+from xpdiff.digits.images import save_grid
+from xpdiff.digits.training import load_for_sampling
 from xpdiff.pipelines import generate
-from xpdiff.training import load_for_sampling
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ Interrupt it at any time; run it again with --resume to continue exactly.
 
 import argparse
 
-from xpdiff.training import TrainConfig, Trainer
+from xpdiff.digits.training import TrainConfig, Trainer
 
 
 def main() -> None:

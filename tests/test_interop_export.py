@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from xpdiff.cli import main
+from xpdiff.digits.cli import main
+from xpdiff.digits.training import TrainConfig, Trainer, load_for_sampling
 from xpdiff.nn.module import no_grad
-from xpdiff.training import TrainConfig, Trainer, load_for_sampling
 
 TINY = dict(
     block_out_channels=[8, 16],

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from xpdiff import backend
-from xpdiff.images import SEPARATOR, grid, save_gif, save_grid
+from xpdiff.digits.images import SEPARATOR, grid, save_gif, save_grid
 from xpdiff.models import UNet2DModel
 from xpdiff.nn import init
 from xpdiff.pipelines import generate

@@ -16,11 +16,11 @@ import pytest
 
 from xpdiff import backend, io
 from xpdiff._validation import ArgumentError, ArgumentTypeError
+from xpdiff.digits.training import TrainConfig
 from xpdiff.models.unet_2d import UNet2DModel
 from xpdiff.optim import EMA, SGD, AdamW, clip_grad_norm, warmup_cosine
 from xpdiff.pipelines import generate
 from xpdiff.schedulers import DDIMScheduler, DDPMScheduler
-from xpdiff.training import TrainConfig
 
 SMALL = dict(
     sample_size=6,
@@ -530,7 +530,7 @@ def test_warmup_cosine_sweep(arg, value):
 # data, images, the digit classifier
 # ---------------------------------------------------------------------------
 def _data_calls():
-    from xpdiff import data, evaluation, images
+    from xpdiff.digits import data, evaluation, images
 
     x = np.zeros((4, 1, 4, 4), np.float32)
     y = np.arange(4, dtype=np.int64)

@@ -16,8 +16,8 @@ import sys
 import pytest
 
 from xpdiff import __version__
-from xpdiff.cli import build_parser, main
-from xpdiff.training import TrainConfig, Trainer
+from xpdiff.digits.cli import build_parser, main
+from xpdiff.digits.training import TrainConfig, Trainer
 
 TINY = dict(
     block_out_channels=[8, 16],
@@ -259,7 +259,7 @@ def test_divergence_advice_says_how_to_follow_it(files, tmp_path, capsys):
 def test_console_script_exit_status_and_single_line():
     """The real process: status 2, one line on stderr, nothing on stdout."""
     proc = subprocess.run(
-        [sys.executable, "-m", "xpdiff.cli", "train", "--steps", "0"],
+        [sys.executable, "-m", "xpdiff.digits.cli", "train", "--steps", "0"],
         capture_output=True,
         text=True,
         timeout=60,

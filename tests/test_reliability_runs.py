@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from xpdiff import io
-from xpdiff.cli import main
-from xpdiff.training import (
+from xpdiff.digits.cli import main
+from xpdiff.digits.training import (
     RunLock,
     RunLocked,
     TrainConfig,
@@ -362,7 +362,7 @@ def test_two_trainers_on_one_directory(tmp_path, data200, capsys):
         [
             sys.executable,
             "-c",
-            "import sys, time; from xpdiff.training import RunLock; "
+            "import sys, time; from xpdiff.digits.training import RunLock; "
             "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)",
             str(out),
         ],
@@ -420,7 +420,7 @@ def test_pruning_never_shows_a_half_deleted_checkpoint(run, data200, monkeypatch
     """Checkpoints are renamed away before they are deleted."""
     import shutil
 
-    from xpdiff import training
+    from xpdiff.digits import training
 
     names_during_delete = []
     real = shutil.rmtree
@@ -445,7 +445,7 @@ def _mode(path: Path) -> int:
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_written_files_get_the_umask_permissions(tmp_path, data200, umask, mode):
-    from xpdiff.images import save_gif, save_grid
+    from xpdiff.digits.images import save_gif, save_grid
     from xpdiff.schedulers import DDIMScheduler
 
     old = os.umask(umask)
@@ -478,7 +478,7 @@ def test_written_files_get_the_umask_permissions(tmp_path, data200, umask, mode)
 
 
 def test_classifier_cache_files_get_the_umask_permissions(tmp_path):
-    from xpdiff.evaluation import DigitClassifier
+    from xpdiff.digits.evaluation import DigitClassifier
 
     old = os.umask(0o022)
     try:
@@ -490,7 +490,7 @@ def test_classifier_cache_files_get_the_umask_permissions(tmp_path):
 
 
 def test_read_errors_name_the_file(run, tmp_path):
-    from xpdiff.data import load_idx
+    from xpdiff.digits.data import load_idx
     from xpdiff.models.unet_2d import UNet2DModel
     from xpdiff.schedulers import DDPMScheduler
 

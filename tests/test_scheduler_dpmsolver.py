@@ -618,7 +618,7 @@ def test_generate_first_order_dpm_equals_ddim():
 
 
 def test_run_config_builds_dpm_solver():
-    from xpdiff.training import TrainConfig
+    from xpdiff.digits.training import TrainConfig
 
     cfg = TrainConfig(beta_schedule="linear", prediction_type="v_prediction")
     sched = cfg.sampling_scheduler("dpm")
@@ -635,8 +635,8 @@ def test_run_config_builds_dpm_solver():
 
 
 def test_cli_sample_with_dpm(tmp_path, capsys):
-    from xpdiff.cli import main
-    from xpdiff.training import TrainConfig
+    from xpdiff.digits.cli import main
+    from xpdiff.digits.training import TrainConfig
 
     cfg = TrainConfig(
         block_out_channels=[8, 16],
@@ -674,7 +674,7 @@ def test_cli_sample_with_dpm(tmp_path, capsys):
 
 
 def test_cli_evaluate_takes_the_scheduler():
-    from xpdiff.cli import _DEFAULT_STEPS, build_parser
+    from xpdiff.digits.cli import _DEFAULT_STEPS, build_parser
 
     args = build_parser().parse_args(["evaluate", "RUN", "--scheduler", "dpm"])
     assert (args.scheduler, args.steps, _DEFAULT_STEPS["dpm"]) == ("dpm", None, 20)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from xpdiff import io
-from xpdiff.cli import main
-from xpdiff.training import TrainConfig, Trainer, TrainingDiverged, latest_checkpoint
+from xpdiff.digits.cli import main
+from xpdiff.digits.training import TrainConfig, Trainer, TrainingDiverged, latest_checkpoint
 
 
 def tiny(**kw) -> TrainConfig:
@@ -271,7 +271,7 @@ def test_kill_9_loses_only_the_steps_since_the_last_checkpoint(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "xpdiff.cli",
+        "xpdiff.digits.cli",
         "train",
         "--config",
         str(cfg),

@@ -566,12 +566,12 @@ class Generator:
 
 
 # ---------------------------------------------------------------------------
-# host arrays from raw bytes (for xpdiff.data, which must not import numpy)
+# host arrays from raw bytes (for xpdiff.digits.data, which must not import numpy)
 # ---------------------------------------------------------------------------
 def host_frombuffer(buf: bytes | bytearray | memoryview, shape: tuple[int, ...]) -> np.ndarray:
     """A writable host (NumPy) uint8 array of ``shape`` holding a copy of the bytes ``buf``.
 
-    ``len(buf)`` must equal the product of ``shape``.  Used by ``xpdiff.data`` to turn file
+    ``len(buf)`` must equal the product of ``shape``.  Used by ``xpdiff.digits.data`` to turn file
     bytes into arrays; move them to a training namespace with ``asarray``.
     """
     return np.frombuffer(buf, dtype=np.uint8).reshape(shape).copy()

@@ -57,7 +57,7 @@ def unet_config(name: str) -> dict:
     if name not in CONFIGS:
         raise SystemExit(f"bench: unknown config {name!r}; expected one of {sorted(CONFIGS)}")
     if name == "flagship":
-        from xpdiff.training import TrainConfig
+        from xpdiff.digits.training import TrainConfig
 
         tc = TrainConfig()
         cfg = tc.unet_kwargs()

@@ -10,10 +10,10 @@ from .harness import fmt, print_table, unet_config
 
 def section_sample(args: argparse.Namespace, results: dict) -> None:
     from xpdiff import backend
+    from xpdiff.digits.training import TrainConfig
     from xpdiff.models import UNet2DModel
     from xpdiff.nn import init
     from xpdiff.pipelines import generate
-    from xpdiff.training import TrainConfig
 
     tc = TrainConfig()
     init.manual_seed(0)

@@ -11,7 +11,7 @@ from .. import io
 from ..models.unet_2d import UNet2DModel
 from ..schedulers import DDIMScheduler
 
-__all__ = ["export_pipeline", "export_run"]
+__all__ = ["export_pipeline"]
 
 #: the pipeline class named in model_index.json: diffusers' DDIM pipeline (unet + scheduler)
 PIPELINE_CLASS = "DDIMPipeline"
@@ -60,22 +60,6 @@ def export_pipeline(
     text = _readme(model, scheduler, null_class, guidance_scale, num_inference_steps)
     io.atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(text))
     return out
-
-
-def export_run(run: str | os.PathLike, save_directory: str | os.PathLike) -> Path:
-    """Export the latest checkpoint of a training run (or a checkpoint directory): the EMA
-    weights and the run's DDIM sampling scheduler (with its ``clip_sample``)."""
-    from ..training import load_for_sampling
-
-    model, cfg = load_for_sampling(run, "numpy", use_ema=True)
-    return export_pipeline(
-        model,
-        cfg.sampling_scheduler("ddim"),
-        save_directory,
-        null_class=cfg.null_class,
-        guidance_scale=cfg.guidance_scale,
-        num_inference_steps=cfg.sample_steps,
-    )
 
 
 def _readme(

@@ -7,8 +7,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from . import backend
-from ._validation import check_int
+from .. import backend
+from .._validation import check_int
 from .data import from_model_range
 
 __all__ = ["SEPARATOR", "grid", "save_gif", "save_grid"]
@@ -132,7 +132,7 @@ def save_grid(
 ) -> None:
     """Write a PNG grid of (N, C, H, W) images in [-1, 1] (C = 1 or 3), optionally with a title
     line, a label left of each row and one under each column."""
-    from .io import atomic_write
+    from ..io import atomic_write
 
     x = backend.to_numpy(images)
     img = _annotate(
@@ -162,7 +162,7 @@ def save_gif(
     title line (``titles``, one per frame) and with ``row_labels``.
 
     Frames are kept small: ``scale`` 2 and, for grey images, 64 grey levels."""
-    from .io import atomic_write
+    from ..io import atomic_write
 
     if not frames:
         raise ValueError("save_gif: expected at least one frame, got none")

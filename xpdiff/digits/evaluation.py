@@ -3,7 +3,7 @@
 * :class:`DigitClassifier`: a 3-conv CNN built from xpdiff's own layers (hand-derived
   backward like everything else), trained by :func:`train_classifier`.
 * :func:`load_or_train_classifier`: the classifier for one image size, trained once on the
-  TRAINING split of :func:`xpdiff.data.prepare` and cached (safetensors + JSON) under
+  TRAINING split of :func:`xpdiff.digits.data.prepare` and cached (safetensors + JSON) under
   ``$XPDIFF_CACHE`` (default ``~/.cache/xpdiff``).
 * :func:`frechet_distance`: the FID formula on any features, computed in float64 on the
   host with symmetric eigendecompositions.
@@ -28,16 +28,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import backend
+from .. import backend
+from .. import io as xio
+from .._validation import check_bool, check_float, check_int, check_int_list
+from ..functional.losses import cross_entropy
+from ..nn import init
+from ..nn.layers import Conv2d, Linear, ReLU
+from ..nn.module import Module, no_grad
+from ..optim import AdamW, warmup_cosine
 from . import data as xdata
-from . import io as xio
-from ._validation import check_bool, check_float, check_int, check_int_list
 from .data import NUM_CLASSES
-from .functional.losses import cross_entropy
-from .nn import init
-from .nn.layers import Conv2d, Linear, ReLU
-from .nn.module import Module, no_grad
-from .optim import AdamW, warmup_cosine
 
 __all__ = [
     "DigitClassifier",
@@ -179,7 +179,8 @@ class DigitClassifier(Module):
         if not ixp.isdtype(images.dtype, "real floating"):
             raise TypeError(
                 f"{self._where()}: expected float images in [-1, 1], got dtype "
-                f"{backend.dtype_name(images.dtype)} (convert with xpdiff.data.to_model_range)"
+                f"{backend.dtype_name(images.dtype)} (convert with "
+                f"xpdiff.digits.data.to_model_range)"
             )
         if ixp is xp and images.dtype == dtype:
             return images
@@ -382,7 +383,7 @@ def load_or_train_classifier(
 ) -> DigitClassifier:
     """The digit classifier for ``size`` (28 or 14), from the cache or trained once.
 
-    Trains on the training split of ``xpdiff.data.prepare(data_path, size, test_fraction=0.1,
+    Trains on the training split of ``xpdiff.digits.data.prepare(data_path, size, test_fraction=0.1,
     seed=0)`` (so the held-out digits used to judge samples are never seen) and writes
     ``digit_classifier_{size}_{tag}.safetensors`` plus a JSON record (held-out accuracy,
     size, data source and hash, seed, recipe version) into the cache directory, atomically.

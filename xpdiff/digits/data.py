@@ -24,8 +24,8 @@ import zlib
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
-from . import backend
-from ._validation import check_bool, check_float, check_int
+from .. import backend
+from .._validation import check_bool, check_float, check_int
 
 __all__ = [
     "FASHION_MNIST_DIR",

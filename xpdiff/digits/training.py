@@ -33,12 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _validation, backend, data, io
-from .functional.losses import mse_loss
-from .models.unet_2d import UNet2DModel
-from .nn import init
-from .optim import EMA, AdamW, clip_grad_norm, warmup_cosine
-from .schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from .. import _validation, backend, io
+from ..functional.losses import mse_loss
+from ..models.unet_2d import UNet2DModel
+from ..nn import init
+from ..optim import EMA, AdamW, clip_grad_norm, warmup_cosine
+from ..pipelines import export_pipeline
+from ..schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from . import data
 
 __all__ = [
     "RunLock",
@@ -46,6 +48,7 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "TrainingDiverged",
+    "export_run",
     "latest_checkpoint",
     "load_for_sampling",
 ]
@@ -898,3 +901,17 @@ def _load_checkpoint_for_sampling(
             f"{bad[0]}); the run diverged: sample an earlier checkpoint"
         )
     return model, cfg
+
+
+def export_run(run: str | os.PathLike, save_directory: str | os.PathLike) -> Path:
+    """Export the latest checkpoint of a training run (or a checkpoint directory): the EMA
+    weights and the run's DDIM sampling scheduler (with its ``clip_sample``)."""
+    model, cfg = load_for_sampling(run, "numpy", use_ema=True)
+    return export_pipeline(
+        model,
+        cfg.sampling_scheduler("ddim"),
+        save_directory,
+        null_class=cfg.null_class,
+        guidance_scale=cfg.guidance_scale,
+        num_inference_steps=cfg.sample_steps,
+    )

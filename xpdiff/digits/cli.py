@@ -14,14 +14,14 @@ import time
 import warnings
 from pathlib import Path
 
-from . import __version__
-from ._validation import check_float, check_int
+from .. import __version__
+from .._validation import check_float, check_int
 
 __all__ = ["main"]
 
 
 def _train(args: argparse.Namespace) -> int:
-    from . import io
+    from .. import io
     from .training import TrainConfig, Trainer, TrainingDiverged
 
     if args.config:
@@ -94,9 +94,9 @@ def _write_samples(
     backend_name: str,
     progress: bool = True,
 ) -> None:
+    from ..pipelines import generate
     from .data import NUM_CLASSES
     from .images import save_gif, save_grid
-    from .pipelines import generate
     from .training import load_for_sampling
 
     model, cfg = load_for_sampling(ckpt, backend_name)
@@ -154,9 +154,9 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from ..pipelines import generate
     from . import data
     from .evaluation import evaluate_samples, load_or_train_classifier
-    from .pipelines import generate
     from .training import load_for_sampling
 
     model, cfg = load_for_sampling(args.checkpoint, args.backend)
@@ -185,16 +185,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     print(report.format())
     if args.json:
-        from . import io
+        from .. import io
 
         io.save_json(report.to_json(), args.json)
     return 0
 
 
 def _noise_figure(args: argparse.Namespace) -> int:
-    from . import backend, data
+    from .. import backend
+    from ..schedulers import DDPMScheduler
+    from . import data
     from .images import save_grid
-    from .schedulers import DDPMScheduler
     from .training import TrainConfig
 
     hx = backend.namespace_for("numpy")
@@ -226,7 +227,7 @@ def _noise_figure(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .pipelines import export_run
+    from .training import export_run
 
     out = export_run(args.run, args.out)
     print(
