@@ -734,6 +734,19 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert (tmp_path / io.WEIGHTS_NAME).read_bytes() == before
 
 
+def test_save_other_weights_of_the_same_model(tmp_path):
+    m = UNet2DModel(**SMALL, dtype="float32", xp=np)
+    halves = {k: v / 2 for k, v in m.state_dict().items()}  # EMA weights, say
+    m.save_pretrained(tmp_path, state_dict=halves)
+    back = UNet2DModel.from_pretrained(tmp_path, xp=np)
+    for k, v in back.state_dict().items():
+        np.testing.assert_array_equal(v, halves[k])
+    first = next(iter(halves))
+    renamed = {("extra" if k == first else k): v for k, v in halves.items()}
+    with pytest.raises(ValueError, match=rf"missing \['{first}'\], unexpected \['extra'\]"):
+        m.save_pretrained(tmp_path, state_dict=renamed)
+
+
 # ---------------------------------------------------------------------------
 # 8. bad input
 # ---------------------------------------------------------------------------

@@ -510,8 +510,7 @@ class Trainer:
         try:
             tmp.mkdir(parents=True)
             self.model.save_pretrained(tmp / "unet")
-            ema_model = self._ema_model()
-            ema_model.save_pretrained(tmp / "unet_ema")
+            self.model.save_pretrained(tmp / "unet_ema", state_dict=self.ema.shadow)
             self.noise_scheduler.save_config(tmp / "scheduler")
             opt_arrays, opt_scalars = self.optimizer.state_dict()
             io.save_safetensors(opt_arrays, tmp / "optimizer.safetensors")
@@ -541,11 +540,6 @@ class Trainer:
         io.save_json({"checkpoint": final.name, "step": self.step}, self.run_dir / "latest.json")
         self._prune()
         return final
-
-    def _ema_model(self) -> UNet2DModel:
-        m = UNet2DModel(**self.config.unet_kwargs(), dtype=self.config.dtype, xp=self.xp)
-        self.ema.copy_to(m)
-        return m
 
     def _prune(self) -> None:
         keep = self.config.keep_checkpoints

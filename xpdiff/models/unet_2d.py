@@ -370,10 +370,17 @@ class UNet2DModel(Module, ConfigMixin):
 
     # -- files (diffusers' layout) ------------------------------------------------
     def save_pretrained(
-        self, save_directory: str | os.PathLike, *, variant: str | None = None
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        variant: str | None = None,
+        state_dict: dict[str, Any] | None = None,
     ) -> None:
         """Write ``config.json`` and ``diffusion_pytorch_model.safetensors`` (diffusers' layout;
         ``diffusion_pytorch_model.<variant>.safetensors`` with ``variant``), atomically.
+
+        ``state_dict`` writes other weights of this model's names and shapes (EMA weights, say)
+        instead of its own; ``ValueError`` names the missing and unexpected keys.
 
         Warns (``UserWarning``) when ``sample_size`` is not divisible by 2^(levels - 1):
         xpdiff runs such a model (each upsampler goes to its skip state's size), diffusers'
@@ -390,9 +397,18 @@ class UNet2DModel(Module, ConfigMixin):
                 f"cannot (its upsampled and skip states differ in size)",
                 stacklevel=2,
             )
+        own = self.state_dict()
+        if state_dict is None:
+            state_dict = own
+        elif set(state_dict) != set(own):
+            raise ValueError(
+                f"UNet2DModel.save_pretrained: state_dict keys differ from the model's: missing "
+                f"{sorted(set(own) - set(state_dict))}, unexpected "
+                f"{sorted(set(state_dict) - set(own))}"
+            )
         directory = Path(save_directory)
         io.save_safetensors(
-            self.state_dict(), directory / io.weights_name(variant), metadata={"format": "pt"}
+            dict(state_dict), directory / io.weights_name(variant), metadata={"format": "pt"}
         )
         self.save_config(directory)
 
