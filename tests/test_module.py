@@ -348,3 +348,25 @@ def test_seeded_initialisation_leaves_the_global_generator_alone():
     with init.seeded(7):
         np.testing.assert_array_equal(weights(), inside)
     assert not np.array_equal(inside, first)
+
+
+def test_package_faces_re_export_every_public_name():
+    import xpdiff.functional as F
+    from xpdiff import nn
+    from xpdiff.functional import (
+        activations,
+        attention,
+        conv,
+        embeddings,
+        linear,
+        losses,
+        norm,
+        resampling,
+    )
+    from xpdiff.nn import blocks, layers, module
+
+    for mod in (activations, attention, conv, embeddings, linear, losses, norm, resampling):
+        assert all(getattr(F, name) is getattr(mod, name) for name in mod.__all__)
+    for mod in (blocks, layers, module):
+        assert all(getattr(nn, name) is getattr(mod, name) for name in mod.__all__)
+    assert nn.init is init

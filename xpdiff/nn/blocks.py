@@ -13,9 +13,7 @@ from typing import Any
 
 from .. import _validation as _v
 from .. import backend
-from ..functional import attention as fatt
-from ..functional import resampling as frs
-from ..functional.embeddings import timestep_embedding
+from .. import functional as F
 from ._checks import check_input
 from .layers import (
     Conv2d,
@@ -63,7 +61,7 @@ class Timesteps(Module):
 
     def forward(self, timesteps: Any, dtype: Any = None) -> Any:
         check_input("Timesteps", timesteps, ndim=1, layout="(N,)")
-        return timestep_embedding(
+        return F.timestep_embedding(
             timesteps,
             self.num_channels,
             self.flip_sin_to_cos,
@@ -204,7 +202,7 @@ class Attention(Module):
         q = self._split(xp, self.to_q(tokens))
         k = self._split(xp, self.to_k(tokens))
         v = self._split(xp, self.to_v(tokens))
-        o, cache = fatt.sdpa_forward(q, k, v, self.scale)
+        o, cache = F.sdpa_forward(q, k, v, self.scale)
         self._save(cache)
         out = self._image(xp, self.to_out[0](self._merge(xp, o)), tuple(x.shape))
         if self.residual_connection:
@@ -219,7 +217,7 @@ class Attention(Module):
         f = self.rescale_output_factor
         g = grad_output if f == 1.0 else grad_output / f
         go = self._split(xp, self.to_out[0].backward(self._tokens(xp, g)))
-        gq, gk, gv = fatt.sdpa_backward(cache, go)
+        gq, gk, gv = F.sdpa_backward(cache, go)
         gt = self.to_q.backward(self._merge(xp, gq))
         gt += self.to_k.backward(self._merge(xp, gk))  # gt is a fresh product
         gt += self.to_v.backward(self._merge(xp, gv))
@@ -267,13 +265,13 @@ class Upsample2D(Module):
         )
         H, W = (x.shape[1], x.shape[2]) if self.layout == "NHWC" else (x.shape[2], x.shape[3])
         size = output_size or (2 * H, 2 * W)
-        y, cache = frs.upsample_nearest_forward(x, tuple(size), self.layout)
+        y, cache = F.upsample_nearest_forward(x, tuple(size), self.layout)
         self._save(cache)
         return self.conv(y) if self.conv is not None else y
 
     def backward(self, grad_output: Any) -> Any:
         g = self.conv.backward(grad_output) if self.conv is not None else grad_output
-        return frs.upsample_nearest_backward(self._take(), g)
+        return F.upsample_nearest_backward(self._take(), g)
 
 
 class Downsample2D(Module):

@@ -16,12 +16,7 @@ from typing import Any
 
 from .. import _validation as _v
 from .. import backend
-from ..functional import activations as fa
-from ..functional import conv as fc
-from ..functional import embeddings as fe
-from ..functional import linear as fl
-from ..functional import norm as fn
-from ..functional.losses import mse_loss
+from .. import functional as F
 from . import init
 from ._checks import check_input
 from .module import Module, Parameter, is_grad_enabled
@@ -71,12 +66,12 @@ class Linear(Module):
             axis=-1,
             size=self.in_features,
         )
-        y, cache = fl.linear_forward(x, self.weight.data, self.bias.data if self.bias else None)
+        y, cache = F.linear_forward(x, self.weight.data, self.bias.data if self.bias else None)
         self._save(cache)
         return y
 
     def backward(self, grad_output: Any) -> Any:
-        gx, gw, gb = fl.linear_backward(self._take(), grad_output)
+        gx, gw, gb = F.linear_backward(self._take(), grad_output)
         self.weight.accumulate(gw)
         if self.bias is not None:
             self.bias.accumulate(gb)
@@ -156,7 +151,7 @@ class Conv2d(Module):
         H, W = (x.shape[1], x.shape[2]) if self.layout == "NHWC" else (x.shape[2], x.shape[3])
         if H + 2 * p < k or W + 2 * p < k:
             raise ValueError(f"{where}: input {tuple(x.shape)} is smaller than the kernel")
-        y, cache = fc.conv2d_forward(
+        y, cache = F.conv2d_forward(
             x,
             self.weight.data,
             self.bias.data if self.bias else None,
@@ -168,7 +163,7 @@ class Conv2d(Module):
         return y
 
     def backward(self, grad_output: Any) -> Any:
-        gx, gw, gb = fc.conv2d_backward(self._take(), grad_output)
+        gx, gw, gb = F.conv2d_backward(self._take(), grad_output)
         self.weight.accumulate(gw)
         if self.bias is not None:
             self.bias.accumulate(gb)
@@ -220,7 +215,7 @@ class GroupNorm(Module):
         if x.ndim < 2:
             want = "(B, ..., C)" if self.layout == "NHWC" else "(B, C, ...)"
             raise ValueError(f"{where}: expected {want}, got shape {tuple(x.shape)}")
-        y, cache = fn.group_norm_forward(
+        y, cache = F.group_norm_forward(
             x,
             self.num_groups,
             self.weight.data if self.weight else None,
@@ -234,7 +229,7 @@ class GroupNorm(Module):
         return y
 
     def backward(self, grad_output: Any) -> Any:
-        gx, gw, gb = fn.group_norm_backward(self._take(), grad_output)
+        gx, gw, gb = F.group_norm_backward(self._take(), grad_output)
         if self.weight is not None:
             self.weight.accumulate(gw)
             self.bias.accumulate(gb)
@@ -246,12 +241,12 @@ class SiLU(Module):
 
     def forward(self, x: Any) -> Any:
         check_input("SiLU", x)
-        y, cache = fa.silu_forward(x)
+        y, cache = F.silu_forward(x)
         self._save(cache)
         return y
 
     def backward(self, grad_output: Any) -> Any:
-        return fa.silu_backward(self._take(), grad_output)
+        return F.silu_backward(self._take(), grad_output)
 
 
 class ReLU(Module):
@@ -259,12 +254,12 @@ class ReLU(Module):
 
     def forward(self, x: Any) -> Any:
         check_input("ReLU", x)
-        y, cache = fa.relu_forward(x)
+        y, cache = F.relu_forward(x)
         self._save(cache)
         return y
 
     def backward(self, grad_output: Any) -> Any:
-        return fa.relu_backward(self._take(), grad_output)
+        return F.relu_backward(self._take(), grad_output)
 
 
 class Identity(Module):
@@ -323,12 +318,12 @@ class Embedding(Module):
                 f"{where}: expected indices in [0, {self.num_embeddings}), got values in "
                 f"[{int(xp.min(idx))}, {int(xp.max(idx))}]"
             )
-        y, cache = fe.embedding_forward(self.weight.data, idx)
+        y, cache = F.embedding_forward(self.weight.data, idx)
         self._save(cache)
         return y
 
     def backward(self, grad_output: Any) -> Any:
-        self.weight.accumulate(fe.embedding_backward(self._take(), grad_output))
+        self.weight.accumulate(F.embedding_backward(self._take(), grad_output))
         return None
 
 
@@ -337,7 +332,7 @@ class MSELoss(Module):
     the gradient of the prediction (scaled by ``grad_output``, default 1)."""
 
     def forward(self, pred: Any, target: Any) -> Any:
-        loss, grad = mse_loss(pred, target)
+        loss, grad = F.mse_loss(pred, target)
         self._save(grad)
         return loss
 
