@@ -11,7 +11,8 @@ from typing import Any, ClassVar
 
 from .._validation import ArgumentError, check_bool, check_float
 from ..configuration import register_to_config
-from ._common import BaseScheduler, SchedulerOutput, f32
+from ._common import BaseScheduler, SchedulerOutput
+from .tables import f32
 
 __all__ = ["DDIMScheduler"]
 

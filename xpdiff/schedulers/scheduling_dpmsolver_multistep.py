@@ -36,14 +36,8 @@ from typing import Any, ClassVar
 
 from .._validation import ArgumentError, check_float, check_int
 from ..configuration import register_to_config
-from ._common import (
-    _ANY,
-    _DIFFUSERS_INACTIVE,
-    BaseScheduler,
-    SchedulerOutput,
-    f32,
-    spaced_timesteps,
-)
+from ._common import _ANY, _DIFFUSERS_INACTIVE, BaseScheduler, SchedulerOutput
+from .tables import f32, spaced_timesteps
 
 __all__ = ["DPMSolverMultistepScheduler"]
 
