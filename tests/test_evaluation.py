@@ -9,15 +9,10 @@ import numpy as np
 import pytest
 
 from xpdiff import backend
+from xpdiff.digits import classifier as clf
 from xpdiff.digits import data
-from xpdiff.digits import evaluation as ev
-from xpdiff.digits.evaluation import (
-    DigitClassifier,
-    EvalReport,
-    evaluate_samples,
-    frechet_distance,
-    load_or_train_classifier,
-)
+from xpdiff.digits.classifier import DigitClassifier, load_or_train_classifier
+from xpdiff.digits.evaluation import EvalReport, evaluate_samples, frechet_distance
 from xpdiff.testing import check_backward
 
 #: A quick recipe for the tests (about 4 s on one core): a narrow net at 14x14, few epochs,
@@ -188,7 +183,7 @@ def test_first_use_notice_says_how_long_and_where(tmp_path, monkeypatch, capsys)
     def quick(x, y, *, seed=0, xp=None, progress=False, **kw):
         return DigitClassifier(14, xp=xp)  # untrained: only the notice is under test
 
-    monkeypatch.setattr(ev, "train_classifier", quick)
+    monkeypatch.setattr(clf, "train_classifier", quick)
     load_or_train_classifier(14, cache_dir=tmp_path)
     err = capsys.readouterr().err
     assert "training the 14x14 digit classifier that judges samples, once (about 1 minute" in err
@@ -211,7 +206,7 @@ def test_cache_second_call_loads(trained14, prepared14, monkeypatch):
         raise AssertionError("load_or_train_classifier trained although a cache exists")
 
     monkeypatch.setenv("XPDIFF_CACHE", str(cache))
-    monkeypatch.setattr(ev, "train_classifier", no_training)
+    monkeypatch.setattr(clf, "train_classifier", no_training)
     again = load_or_train_classifier(14, **QUICK)
     x = prepared14.x_test[:200]
     np.testing.assert_array_equal(
@@ -280,7 +275,7 @@ def test_shift_augment_keeps_shape_and_range():
     x = np.random.default_rng(0).uniform(-1, 1, (5, 1, 14, 14)).astype(np.float32)
     gen = backend.Generator(0, xp=hx)
     for fine in (1, 2):
-        y = ev._shift_augment(x, 2, gen, fine)
+        y = clf._shift_augment(x, 2, gen, fine)
         assert y.shape == x.shape and y.dtype == x.dtype
         assert y.min() >= -1.0 and y.max() <= 1.0
-    assert ev._shift_augment(x, 0, gen) is x
+    assert clf._shift_augment(x, 0, gen) is x

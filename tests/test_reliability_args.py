@@ -530,7 +530,7 @@ def test_warmup_cosine_sweep(arg, value):
 # data, images, the digit classifier
 # ---------------------------------------------------------------------------
 def _data_calls():
-    from xpdiff.digits import data, evaluation, images
+    from xpdiff.digits import classifier, data, images
 
     x = np.zeros((4, 1, 4, 4), np.float32)
     y = np.arange(4, dtype=np.int64)
@@ -546,10 +546,10 @@ def _data_calls():
         "pad": lambda v: images.grid(x, 2, pad=v),
         "scale": lambda v: images.grid(x, 2, scale=v),
         "duration_ms": lambda v: images.save_gif([x], "unused.gif", duration_ms=v),
-        "size": lambda v: evaluation.DigitClassifier(v, xp=np),
-        "channels": lambda v: evaluation.DigitClassifier(14, channels=v, xp=np),
-        "epochs": lambda v: evaluation.train_classifier(x, y, epochs=v, xp=np),
-        "lr": lambda v: evaluation.train_classifier(x, y, lr=v, xp=np),
+        "size": lambda v: classifier.DigitClassifier(v, xp=np),
+        "channels": lambda v: classifier.DigitClassifier(14, channels=v, xp=np),
+        "epochs": lambda v: classifier.train_classifier(x, y, epochs=v, xp=np),
+        "lr": lambda v: classifier.train_classifier(x, y, lr=v, xp=np),
     }
 
 

@@ -478,7 +478,7 @@ def test_written_files_get_the_umask_permissions(tmp_path, data200, umask, mode)
 
 
 def test_classifier_cache_files_get_the_umask_permissions(tmp_path):
-    from xpdiff.digits.evaluation import DigitClassifier
+    from xpdiff.digits.classifier import DigitClassifier
 
     old = os.umask(0o022)
     try:

@@ -156,7 +156,8 @@ def _sample(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from ..pipelines import generate
     from . import data
-    from .evaluation import evaluate_samples, load_or_train_classifier
+    from .classifier import load_or_train_classifier
+    from .evaluation import evaluate_samples
     from .training import load_for_sampling
 
     model, cfg = load_for_sampling(args.checkpoint, args.backend)
