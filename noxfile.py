@@ -8,7 +8,7 @@ nox.options.sessions = ["tests-numpy", "tests-cupy"]
 nox.options.reuse_existing_virtualenvs = True
 
 # torch==2.13.0 is pinned: on the project's machines it installs a CPU build from local disk.
-ORACLE = ["torch==2.13.0", "diffusers"]
+ORACLE = ["torch==2.13.0", "diffusers", "scipy"]
 # pinned: another ruff version may format differently (.pre-commit-config.yaml pins the same)
 RUFF = "ruff==0.17.6"
 LINT_PATHS = ("xpdiff", "tests", "examples", "benchmarks", "noxfile.py")

@@ -125,6 +125,7 @@ def test_frechet_symmetric_and_any_namespace(xp):
     assert ab == pytest.approx(ba, rel=1e-9)
 
 
+@pytest.mark.oracle
 def test_frechet_matches_scipy_sqrtm():
     linalg = pytest.importorskip("scipy.linalg")
     rng = np.random.default_rng(3)
