@@ -399,6 +399,10 @@ def _blas_controller() -> Any:
             from threadpoolctl import ThreadpoolController
 
             ctl = [c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"]
+            # NumPy's own BLAS sits in numpy's wheel folder (numpy.libs); another
+            # library's BLAS loaded in the same process (torch's, scipy's) is not ours
+            own = [c for c in ctl if "numpy" in os.path.basename(os.path.dirname(c.filepath))]
+            ctl = own or ctl
             _blas = ctl[0] if ctl else False
         except Exception:  # not installed, or a BLAS it cannot drive
             _blas = False
