@@ -267,3 +267,13 @@ def test_console_script_exit_status_and_single_line():
     )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == ("error: xpdiff train: expected --steps to be an integer >= 1, got 0\n")
+
+
+def test_resume_without_a_checkpoint_says_it_starts_anew(files, tmp_path, capsys):
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps({**json.loads(open(files["good"]).read()), "max_steps": 1}))
+    run = tmp_path / "fresh"
+    argv = ["train", "--config", str(cfg), "--out", str(run), "--resume"]
+    assert main([*argv, "--no-progress", "--no-samples"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: --resume: no checkpoint in {run}; starting a new run" in err

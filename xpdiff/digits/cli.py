@@ -50,6 +50,8 @@ def _train(args: argparse.Namespace) -> int:
     try:
         if args.resume and trainer.resume():
             print(f"resumed from step {trainer.step} of {trainer.total_steps}")
+        elif args.resume:
+            print(f"warning: --resume: no checkpoint in {run}; starting a new run", file=sys.stderr)
         elif not args.resume and any(run.glob("checkpoint-*")):
             print(
                 f"error: {run} already holds checkpoints; pass --resume to continue, or "
