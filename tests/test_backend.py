@@ -324,6 +324,17 @@ def test_on_host(xp):
     assert backend.on_host(xp.zeros((2,), dtype=xp.float32)) is want
 
 
+def test_map_tiles_inside_a_tile_runs_in_order(xp, monkeypatch):
+    """A tile function that maps tiles itself must not wait on its own pool."""
+    monkeypatch.setenv("XPDIFF_NUM_THREADS", "2")
+
+    def outer(t):
+        return backend.map_tiles(lambda u: (t.start, u.start), 4, 2, xp)
+
+    got = backend.map_tiles(outer, 4, 2, xp)
+    assert got == [[(0, 0), (0, 2)], [(2, 0), (2, 2)]]
+
+
 def test_l2_cache_size_is_positive():
     assert backend._l2_cache_bytes() >= 64 * 1024
 

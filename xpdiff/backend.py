@@ -15,6 +15,7 @@ its inputs (``xp = get_namespace(x)``).  What the standard lacks lives here:
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import array_api_compat
@@ -460,7 +461,10 @@ def map_tiles(fn: Any, n_items: int, per_tile: int, xp: Any) -> list:
     global _pool
     tiles = [slice(s, min(n_items, s + per_tile)) for s in range(0, n_items, per_tile)]
     workers = tile_workers() if is_numpy_namespace(xp) else 1
-    if workers <= 1 or len(tiles) <= 1:
+    # a tile that itself maps tiles runs them in order: waiting on the pool from inside
+    # one of its own threads could leave no thread free to run them
+    nested = threading.current_thread().name.startswith("xpdiff-tile")
+    if workers <= 1 or len(tiles) <= 1 or nested:
         return [fn(t) for t in tiles]
     from concurrent.futures import ThreadPoolExecutor
 
