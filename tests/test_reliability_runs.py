@@ -20,15 +20,8 @@ import pytest
 
 from xpdiff import io
 from xpdiff.digits.cli import main
-from xpdiff.digits.training import (
-    RunLock,
-    RunLocked,
-    TrainConfig,
-    Trainer,
-    TrainingDiverged,
-    latest_checkpoint,
-    load_for_sampling,
-)
+from xpdiff.digits.training import TrainConfig, Trainer, load_for_sampling
+from xpdiff.training import RunLock, RunLocked, TrainingDiverged, latest_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -120,7 +113,7 @@ def test_resume_after_the_data_shrank(tmp_path):
     Trainer(tiny(data, max_steps=10, checkpoint_every=10), out, progress=False).train()
     write_idx(data, 50)  # the same --data path now holds 50 digits
     t = Trainer(tiny(data, max_steps=20, checkpoint_every=10), out, progress=False)
-    with pytest.raises(ValueError, match=r"trained on 180 digits, but .* now gives 50"):
+    with pytest.raises(ValueError, match=r"trained on 180 images, but .* now gives 50"):
         t.resume()
     # a checkpoint written before the data size was recorded: the position check catches it
     edit_state(latest_checkpoint(out), n_train=KeyError, data_sha256=KeyError)
@@ -132,8 +125,8 @@ def test_resume_after_the_data_changed_in_place(run, data200, tmp_path):
     other = write_idx(tmp_path / "other", 200, seed=1)
     state = json.loads((latest_checkpoint(run) / "trainer_state.json").read_text())
     t = Trainer(tiny(other, max_steps=8), run, progress=False)
-    t.config.data = state["train_config"]["data"]  # same path, other bytes
-    with pytest.raises(ValueError, match="training data under .* changed"):
+    t.run_config["data"] = state["train_config"]["data"]  # same path, other bytes
+    with pytest.raises(ValueError, match=r"the training data \(.*\) changed"):
         t.resume()
 
 
@@ -362,7 +355,7 @@ def test_two_trainers_on_one_directory(tmp_path, data200, capsys):
         [
             sys.executable,
             "-c",
-            "import sys, time; from xpdiff.digits.training import RunLock; "
+            "import sys, time; from xpdiff.training import RunLock; "
             "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)",
             str(out),
         ],
@@ -420,7 +413,7 @@ def test_pruning_never_shows_a_half_deleted_checkpoint(run, data200, monkeypatch
     """Checkpoints are renamed away before they are deleted."""
     import shutil
 
-    from xpdiff.digits import training
+    from xpdiff import training
 
     names_during_delete = []
     real = shutil.rmtree

@@ -10,7 +10,8 @@ import pytest
 
 from xpdiff import io
 from xpdiff.digits.cli import main
-from xpdiff.digits.training import TrainConfig, Trainer, TrainingDiverged, latest_checkpoint
+from xpdiff.digits.training import TrainConfig, Trainer
+from xpdiff.training import TrainingDiverged, latest_checkpoint
 
 
 def tiny(**kw) -> TrainConfig:
@@ -98,6 +99,22 @@ def test_checkpoint_layout_loads_in_diffusers_layout(tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))
     cfg = io.load_json(ckpt / "unet" / "config.json")
     assert cfg["_class_name"] == "UNet2DModel" and cfg["num_class_embeds"] == 11
+    # the keys of runs written before the loop moved into xpdiff.training: they still resume
+    state = io.load_json(ckpt / "trainer_state.json")
+    assert sorted(state) == [
+        "batch_in_epoch",
+        "data_rng_state",
+        "data_sha256",
+        "ema",
+        "epoch",
+        "epoch_rng_state",
+        "n_train",
+        "noise_rng_state",
+        "optimizer",
+        "step",
+        "train_config",
+    ]
+    assert state["train_config"] == io.load_json(tmp_path / "config.json") == t.config.to_json()
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path):

@@ -22,7 +22,8 @@ __all__ = ["main"]
 
 def _train(args: argparse.Namespace) -> int:
     from .. import io
-    from .training import TrainConfig, Trainer, TrainingDiverged
+    from ..training import TrainingDiverged
+    from .training import TrainConfig, Trainer
 
     if args.config:
         cfg = TrainConfig.from_json(io.load_json(args.config), f"config file {args.config}")

@@ -16,16 +16,15 @@ Sources:
 from __future__ import annotations
 
 import gzip
-import hashlib
 import math
 import os
 import struct
 import zlib
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from .. import backend
-from .._validation import check_bool, check_float, check_int
+from .._validation import check_float, check_int
+from ..training import batches, fingerprint
 
 __all__ = [
     "FASHION_MNIST_DIR",
@@ -294,60 +293,6 @@ def train_test_split(
         hx.take(images, test_idx, axis=0),
         hx.take(labels, test_idx, axis=0),
     )
-
-
-def batches(
-    images: Any,
-    labels: Any,
-    batch_size: int,
-    generator: backend.Generator,
-    drop_last: bool = False,
-    skip: int = 0,
-) -> Iterator[tuple[Any, Any]]:
-    """One epoch of shuffled host batches ``(images[b], labels[b])``.
-
-    The epoch's permutation is drawn from ``generator`` when ``batches`` is *called* (not on
-    the first ``next``), so the epoch is fully determined by the generator state before the
-    call: save ``generator.get_state()`` just before calling, and to resume mid-epoch restore
-    that state and pass ``skip`` = number of batches already done.  Each call is a new epoch.
-
-    Args:
-        images: host array (N, ...); labels: host array (N,).
-        batch_size: examples per batch; the last batch is smaller unless ``drop_last``.
-        generator: a ``backend.Generator`` of any namespace (the permutation is brought to
-            the host).
-        skip: batches to leave out at the start of the epoch.
-    """
-    n = labels.shape[0]
-    if images.shape[0] != n:
-        raise ValueError(f"batches: {images.shape[0]} images but {n} labels")
-    batch_size = check_int("batches", "batch_size", batch_size, min=1)
-    skip = check_int("batches", "skip", skip, min=0)
-    drop_last = check_bool("batches", "drop_last", drop_last)
-    perm = backend.to_numpy(generator.permutation(n))
-    stop = n - n % batch_size if drop_last else n
-    starts = range(skip * batch_size, stop, batch_size)
-    return _batch_iter(images, labels, perm, starts, batch_size, stop)
-
-
-def _batch_iter(
-    images: Any, labels: Any, perm: Any, starts: range, batch_size: int, stop: int
-) -> Iterator[tuple[Any, Any]]:
-    hx = backend.host_namespace()
-    for s in starts:
-        idx = perm[s : min(s + batch_size, stop)]
-        yield hx.take(images, idx, axis=0), hx.take(labels, idx, axis=0)
-
-
-def fingerprint(*arrays: Any) -> str:
-    """A short hash (16 hex digits) of the shapes, dtypes and bytes of host arrays: it tells
-    whether the data under one path changed."""
-    h = hashlib.sha256()
-    for a in arrays:
-        host = backend.to_numpy(a, contiguous=True)
-        h.update(str((tuple(host.shape), backend.dtype_name(host.dtype))).encode())
-        h.update(memoryview(host).cast("B"))
-    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------
