@@ -50,3 +50,19 @@ def device_f32(xp):
 
         return array_api_strict.Device("device1")
     return None
+
+
+# A digits training run small enough for tests (seconds): import it with
+# ``from conftest import TINY_RUN`` and override fields with dict(TINY_RUN, key=value).
+TINY_RUN = dict(
+    block_out_channels=[8, 16],
+    norm_num_groups=4,
+    attention_head_dim=8,
+    batch_size=8,
+    max_steps=2,
+    checkpoint_every=2,
+    log_every=1,
+    warmup_steps=1,
+    sample_steps=2,
+    size=14,
+)

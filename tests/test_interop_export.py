@@ -8,24 +8,13 @@ import json
 
 import numpy as np
 import pytest
+from conftest import TINY_RUN
 
 from xpdiff.digits.cli import main
 from xpdiff.digits.training import TrainConfig, Trainer, load_for_sampling
 from xpdiff.nn.module import no_grad
 
-TINY = dict(
-    block_out_channels=[8, 16],
-    norm_num_groups=4,
-    attention_head_dim=8,
-    batch_size=8,
-    max_steps=2,
-    checkpoint_every=2,
-    log_every=1,
-    warmup_steps=1,
-    sample_steps=5,
-    size=14,
-    guidance_scale=1.5,
-)
+TINY = dict(TINY_RUN, sample_steps=5, guidance_scale=1.5)
 
 
 @pytest.fixture(scope="module")

@@ -14,23 +14,13 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TINY_RUN
 
 from xpdiff import __version__
 from xpdiff.digits.cli import build_parser, main
 from xpdiff.digits.training import TrainConfig, Trainer
 
-TINY = dict(
-    block_out_channels=[8, 16],
-    norm_num_groups=4,
-    attention_head_dim=8,
-    batch_size=8,
-    max_steps=2,
-    checkpoint_every=2,
-    log_every=1,
-    warmup_steps=1,
-    sample_steps=2,
-    size=14,
-)
+TINY = TINY_RUN
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_RUN
 
 from xpdiff import io
 from xpdiff.digits.cli import main
@@ -52,19 +53,7 @@ def write_idx(folder: Path, n: int, seed: int = 0) -> Path:
 
 
 def tiny(data: Path | None, **kw) -> TrainConfig:
-    base = dict(
-        data=None if data is None else str(data),
-        block_out_channels=[8, 16],
-        norm_num_groups=4,
-        attention_head_dim=8,
-        batch_size=8,
-        max_steps=4,
-        checkpoint_every=2,
-        log_every=1,
-        warmup_steps=1,
-        sample_steps=2,
-        size=14,
-    )
+    base = dict(TINY_RUN, data=None if data is None else str(data), max_steps=4)
     base.update(kw)
     return TrainConfig(**base)
 

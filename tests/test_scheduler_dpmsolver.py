@@ -635,20 +635,12 @@ def test_run_config_builds_dpm_solver():
 
 
 def test_cli_sample_with_dpm(tmp_path, capsys):
+    from conftest import TINY_RUN
+
     from xpdiff.digits.cli import main
     from xpdiff.digits.training import TrainConfig
 
-    cfg = TrainConfig(
-        block_out_channels=[8, 16],
-        norm_num_groups=4,
-        attention_head_dim=8,
-        batch_size=8,
-        max_steps=2,
-        checkpoint_every=2,
-        log_every=1,
-        warmup_steps=1,
-        size=14,
-    )
+    cfg = TrainConfig(**TINY_RUN)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_json()))
     run = tmp_path / "run"
     assert (

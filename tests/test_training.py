@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import TINY_RUN
 
 from xpdiff import io
 from xpdiff.digits.cli import main
@@ -15,18 +16,7 @@ from xpdiff.training import TrainingDiverged, latest_checkpoint
 
 
 def tiny(**kw) -> TrainConfig:
-    base = dict(
-        block_out_channels=[8, 16],
-        norm_num_groups=4,
-        attention_head_dim=8,
-        batch_size=8,
-        max_steps=6,
-        checkpoint_every=3,
-        log_every=1,
-        warmup_steps=2,
-        sample_steps=2,
-        size=14,
-    )
+    base = dict(TINY_RUN, max_steps=6, checkpoint_every=3, warmup_steps=2)
     base.update(kw)
     return TrainConfig(**base)
 
