@@ -45,7 +45,9 @@ def clip_grad_norm(model: Module, max_norm: float | None) -> float:
     if not params:
         return 0.0
     xp = backend.get_namespace(params[0].grad)
-    total = math.sqrt(sum(float(xp.sum(p.grad * p.grad)) for p in params))
+    # one device read for the whole model: the per-parameter sums stay arrays until the end
+    squares = [xp.astype(xp.sum(p.grad * p.grad), xp.float64) for p in params]
+    total = math.sqrt(float(xp.sum(xp.stack(squares))))
     if max_norm is not None and math.isfinite(total) and total > max_norm:
         scale = max_norm / (total + 1e-6)
         for p in params:

@@ -49,8 +49,8 @@ def _group_mean(a: Any, num_groups: int, layout: str) -> Any:
     """Mean of ``a`` (in the ``_view`` shape) over each group, broadcastable back to it.
 
     Channels-last sums each channel over the spatial axis first, as a product with a
-    row of ones (5x faster here than a sum over a non-last axis), then the Cg channels
-    of each group.
+    row of ones (faster than a sum over a non-last axis: benchmarks/RESULTS.md), then
+    the Cg channels of each group.
     """
     xp = backend.get_namespace(a)
     if layout != "NHWC":
