@@ -267,3 +267,16 @@ def test_resume_without_a_checkpoint_says_it_starts_anew(files, tmp_path, capsys
     assert main([*argv, "--no-progress", "--no-samples"]) == 0
     err = capsys.readouterr().err
     assert f"warning: --resume: no checkpoint in {run}; starting a new run" in err
+
+
+def test_resume_of_a_complete_run_says_so(files, tmp_path, capsys):
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps({**json.loads(open(files["good"]).read()), "max_steps": 2}))
+    run = tmp_path / "done"
+    argv = ["train", "--config", str(cfg), "--out", str(run), "--no-progress", "--no-samples"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main([*argv, "--resume", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"{run} is already complete: step 2 of 1" in out
+    assert "last loss" not in out

@@ -50,6 +50,12 @@ def _train(args: argparse.Namespace) -> int:
     trainer.lock()  # a second trainer on the same --out stops here, naming the first
     try:
         if args.resume and trainer.resume():
+            if trainer.step >= trainer.total_steps:
+                print(
+                    f"{run} is already complete: step {trainer.step} of {trainer.total_steps}; "
+                    f"pass a larger --epochs or --steps to train further"
+                )
+                return 0
             print(f"resumed from step {trainer.step} of {trainer.total_steps}")
         elif args.resume:
             print(f"warning: --resume: no checkpoint in {run}; starting a new run", file=sys.stderr)
