@@ -123,15 +123,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    args._argv = sys.argv[1:] if argv is None else list(argv)  # for the rerun hint
-    if args._memprobe:
-        from .memory import memprobe
+def _thread_limits(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """Set torch's thread count; a context holding NumPy's BLAS to ``--threads``.
 
-        memprobe(args._memprobe, args.config, args.batch, args.threads)
-        return 0
-
+    torch and threadpoolctl are required for the CPU comparison; the GPU machines may
+    lack threadpoolctl, and then nothing is limited.
+    """
     try:
         import torch
 
@@ -141,44 +138,58 @@ def main(argv: list[str] | None = None) -> int:
             raise
     try:
         from threadpoolctl import threadpool_limits
-    except ImportError:  # the GPU machines may lack it; the CPU numbers need it
+    except ImportError:
         if not args.gpu:
             raise
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=args.threads, user_api="blas")
 
-        def threadpool_limits(limits: int, user_api: str) -> contextlib.AbstractContextManager:
-            return contextlib.nullcontext()
+
+def _run_sections(args: argparse.Namespace, results: dict) -> None:
+    """The GPU comparison, or the CPU sections chosen by ``--sections``, in order."""
+    if args.gpu or args._gpu_dryrun:
+        from .gpu import section_gpu
+
+        section_gpu(args.config_names, args, results)
+        return
+    if "gemm" in args.sections:
+        from .gemm import section_gemm
+
+        section_gemm(args, results)
+    if {"train", "infer", "layers"} & set(args.sections):
+        from .speed import section_speed
+
+        section_speed(args.config_names, args, results)
+    if "memory" in args.sections:
+        from .memory import section_memory
+
+        section_memory(args.config_names, args, results)
+    if "sample" in args.sections:
+        from .sample import section_sample
+
+        section_sample(args, results)
+    if "gemm" in args.sections:
+        from .gemm import drift_check
+
+        drift_check(args, results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args._argv = sys.argv[1:] if argv is None else list(argv)  # for the rerun hint
+    if args._memprobe:
+        from .memory import memprobe
+
+        memprobe(args._memprobe, args.config, args.batch, args.threads)
+        return 0
 
     results: dict = {"args": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
     t_start = time.perf_counter()
-    with threadpool_limits(limits=args.threads, user_api="blas"):
+    with _thread_limits(args):
         env = environment(args)
         results["env"] = env
         print_environment(env)
-        if args.gpu or args._gpu_dryrun:
-            from .gpu import section_gpu
-
-            section_gpu(args.config_names, args, results)
-        else:
-            if "gemm" in args.sections:
-                from .gemm import section_gemm
-
-                section_gemm(args, results)
-            if {"train", "infer", "layers"} & set(args.sections):
-                from .speed import section_speed
-
-                section_speed(args.config_names, args, results)
-            if "memory" in args.sections:
-                from .memory import section_memory
-
-                section_memory(args.config_names, args, results)
-            if "sample" in args.sections:
-                from .sample import section_sample
-
-                section_sample(args, results)
-            if "gemm" in args.sections:
-                from .gemm import drift_check
-
-                drift_check(args, results)
+        _run_sections(args, results)
     print_blas_warning(results["env"])  # again: the header has scrolled away by now
     results["env"]["loadavg_end"] = os.getloadavg()
     results["wall_s"] = time.perf_counter() - t_start
