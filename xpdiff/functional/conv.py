@@ -210,11 +210,10 @@ def conv2d_backward(cache: Conv2dCache, gy: Any) -> tuple[Any, Any, Any | None]:
     per_out, per_in = Ho * Wo, H * W
     g2 = xp.reshape(gy, (B * per_out, O))
     gb = xp.sum(g2, axis=0) if cache.has_bias else None
-    wm = _kernel_matrix(w)
     if kh == kw == 1 and stride == 1 and pad == 0:
         x2 = xp.reshape(x, (B * per_in, C))
         gwm = x2.T @ g2
-        gx = xp.reshape(g2 @ wm.T, (B, H, W, C))
+        gx = xp.reshape(g2 @ _kernel_matrix(w).T, (B, H, W, C))
     else:
         flip = stride == 1 and kh == kw and pad <= kh - 1
         gx = xp.empty((B, H, W, C), dtype=gy.dtype, device=backend.device(gy))
@@ -222,6 +221,8 @@ def conv2d_backward(cache: Conv2dCache, gy: Any) -> tuple[Any, Any, Any | None]:
             # (O, C, kh, kw) flipped -> rows (i, j, o), columns c
             wfm = _kernel_matrix(xp.permute_dims(xp.flip(w, axis=(2, 3)), (1, 0, 2, 3)))
             gx2 = xp.reshape(gx, (B * per_in, C))
+        else:
+            wmT = _kernel_matrix(w).T
 
         def tile(t: slice) -> Any:
             """Write this tile's input gradient; return its share of the weight gradient."""
@@ -232,7 +233,7 @@ def conv2d_backward(cache: Conv2dCache, gy: Any) -> tuple[Any, Any, Any | None]:
                 gcols = im2col(gy[t, ...], kh, kw, 1, kh - 1 - pad)
                 backend.matmul_into(gx2, slice(t.start * per_in, t.stop * per_in), gcols, wfm)
             else:
-                gx[t, ...] = col2im(g_t @ wm.T, (nt, H, W, C), kh, kw, stride, pad)
+                gx[t, ...] = col2im(g_t @ wmT, (nt, H, W, C), kh, kw, stride, pad)
             return cols.T @ g_t
 
         per_bytes = (per_out * kh * kw * C + per_in * kh * kw * O) * _itemsize(x)
