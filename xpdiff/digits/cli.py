@@ -364,54 +364,43 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
 
-    s = sub.add_parser(
-        "sample",
-        help="draw a grid of digits 0-9 (and a GIF)",
-        formatter_class=fmt,
-        parents=[common],
-    )
-    s.add_argument("checkpoint", help="run directory or checkpoint directory")
-    s.add_argument("--out", default="samples.png", help="PNG file to write")
-    s.add_argument("--gif", help="also write the denoising process as a GIF (default: no GIF)")
-    s.add_argument(
+    # the sampling flags of `sample` and `evaluate`
+    sampling = argparse.ArgumentParser(add_help=False)
+    sampling.add_argument(
         "--scheduler",
         choices=tuple(_DEFAULT_STEPS),
         default="ddim",
         help="sampler: DDIM, DDPM or DPM-Solver++(2M)",
     )
-    s.add_argument(
+    sampling.add_argument(
         "--steps", type=int, help="sampling steps (default: 50 for ddim and ddpm, 20 for dpm)"
     )
-    s.add_argument(
+    sampling.add_argument(
         "--guidance", type=float, help="guidance scale, >= 0 (default: the run's guidance_scale)"
     )
-    s.add_argument("--seed", type=int, default=0, help="seed of the noise, >= 0")
+    sampling.add_argument("--seed", type=int, default=0, help="seed of the noise, >= 0")
+    sampling.add_argument("--backend", choices=backends, default="numpy", help="array library")
+
+    s = sub.add_parser(
+        "sample",
+        help="draw a grid of digits 0-9 (and a GIF)",
+        formatter_class=fmt,
+        parents=[common, sampling],
+    )
+    s.add_argument("checkpoint", help="run directory or checkpoint directory")
+    s.add_argument("--out", default="samples.png", help="PNG file to write")
+    s.add_argument("--gif", help="also write the denoising process as a GIF (default: no GIF)")
     s.add_argument("--per-digit", type=int, default=10, help="images of each digit")
-    s.add_argument("--backend", choices=backends, default="numpy", help="array library")
     s.set_defaults(func=_sample)
 
     e = sub.add_parser(
         "evaluate",
         help="classify generated digits; accuracy and Frechet distance",
         formatter_class=fmt,
-        parents=[common],
+        parents=[common, sampling],
     )
     e.add_argument("checkpoint", help="run directory or checkpoint directory")
     e.add_argument("--per-digit", type=int, default=100, help="images of each digit")
-    e.add_argument(
-        "--scheduler",
-        choices=tuple(_DEFAULT_STEPS),
-        default="ddim",
-        help="sampler: DDIM, DDPM or DPM-Solver++(2M)",
-    )
-    e.add_argument(
-        "--steps", type=int, help="sampling steps (default: 50 for ddim and ddpm, 20 for dpm)"
-    )
-    e.add_argument(
-        "--guidance", type=float, help="guidance scale, >= 0 (default: the run's guidance_scale)"
-    )
-    e.add_argument("--seed", type=int, default=0, help="seed of the noise, >= 0")
-    e.add_argument("--backend", choices=backends, default="numpy", help="array library")
     e.add_argument("--json", help="also write the report to this JSON file (default: none)")
     e.set_defaults(func=_evaluate)
 
