@@ -66,3 +66,39 @@ TINY_RUN = dict(
     sample_steps=2,
     size=14,
 )
+
+
+# Shared by the scheduler tests: diffusers as an oracle, host copies, differences.
+def diffusers_or_skip():
+    """The diffusers module; the calling test is skipped without torch or diffusers."""
+    pytest.importorskip("torch")
+    return pytest.importorskip("diffusers")
+
+
+def host(x):
+    """A NumPy copy (or view) of an array of any namespace."""
+    import numpy as np
+
+    return np.asarray(backend.to_numpy(x))
+
+
+def max_abs_diff(a, b) -> float:
+    """max |a - b| in float64, for arrays of any namespaces."""
+    import numpy as np
+
+    return float(np.max(np.abs(host(a).astype(np.float64) - host(b).astype(np.float64))))
+
+
+# A UNet2DModel config small enough for sampling tests.
+TINY_UNET = dict(
+    sample_size=6,
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=[8, 8],
+    down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+    up_block_types=["AttnUpBlock2D", "UpBlock2D"],
+    layers_per_block=1,
+    norm_num_groups=4,
+    attention_head_dim=8,
+    num_class_embeds=4,
+)

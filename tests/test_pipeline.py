@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import TINY_UNET
 
 from xpdiff import backend
 from xpdiff.digits.images import SEPARATOR, grid, save_gif, save_grid
@@ -12,18 +13,7 @@ from xpdiff.nn import init
 from xpdiff.pipelines import generate
 from xpdiff.schedulers import DDIMScheduler, DDPMScheduler
 
-CFG = dict(
-    sample_size=6,
-    in_channels=1,
-    out_channels=1,
-    block_out_channels=[8, 8],
-    down_block_types=["DownBlock2D", "AttnDownBlock2D"],
-    up_block_types=["AttnUpBlock2D", "UpBlock2D"],
-    layers_per_block=1,
-    norm_num_groups=4,
-    attention_head_dim=8,
-    num_class_embeds=4,
-)
+CFG = TINY_UNET
 
 
 def model_on(xp, dtype="float32"):

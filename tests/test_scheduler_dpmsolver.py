@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import TINY_UNET, diffusers_or_skip, host, max_abs_diff
 
 from xpdiff import backend
 from xpdiff.schedulers import (
@@ -43,19 +44,6 @@ pytestmark = pytest.mark.filterwarnings(
 
 SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("linspace", "leading", "trailing")
-
-
-def _diffusers():
-    pytest.importorskip("torch")
-    return pytest.importorskip("diffusers")
-
-
-def _np(x) -> np.ndarray:
-    return np.asarray(backend.to_numpy(x))
-
-
-def _maxdiff(a, b) -> float:
-    return float(np.max(np.abs(_np(a).astype(np.float64) - _np(b).astype(np.float64))))
 
 
 def _same_kind(out, ref) -> None:
@@ -99,7 +87,7 @@ class FakeModel:
 def run_against_diffusers(kw: dict, steps: int, xp=None, dtype=np.float32, atol=ATOL) -> float:
     """Sample with xpdiff's and diffusers' schedulers built from ``kw`` on identical
     inputs; assert every step agrees.  Returns the largest difference seen."""
-    diffusers = _diffusers()
+    diffusers = diffusers_or_skip()
     import torch
 
     xp = backend.namespace_for("numpy") if xp is None else xp
@@ -115,21 +103,21 @@ def run_against_diffusers(kw: dict, steps: int, xp=None, dtype=np.float32, atol=
     x_ours, x_theirs = backend.asarray(x, xp), torch.from_numpy(x.copy())
     worst = 0.0
     for i, t in enumerate(ours.timesteps):
-        res = ours.step(backend.asarray(model(_np(x_ours), t), xp), t, x_ours)
+        res = ours.step(backend.asarray(model(host(x_ours), t), xp), t, x_ours)
         ref = theirs.step(torch.from_numpy(model(x_theirs.numpy(), t)), t, x_theirs)
         _same_kind(res.prev_sample, x_ours)
         _same_kind(res.pred_original_sample, x_ours)
         scale = max(1.0, float(np.max(np.abs(ref.prev_sample.numpy()))))
-        d_prev = _maxdiff(res.prev_sample, ref.prev_sample) / scale
+        d_prev = max_abs_diff(res.prev_sample, ref.prev_sample) / scale
         assert d_prev <= atol, f"step {i} (t={t}): prev_sample differs by {d_prev:.3g}"
         alpha = 1.0 / math.sqrt(ours.sigmas[i] ** 2 + 1.0)
-        d_x0 = _maxdiff(res.pred_original_sample, theirs.model_outputs[-1]) * alpha
+        d_x0 = max_abs_diff(res.pred_original_sample, theirs.model_outputs[-1]) * alpha
         assert d_x0 <= atol * max(1.0, float(np.max(np.abs(model.x0)))), (
             f"step {i} (t={t}): data prediction differs by {d_x0:.3g} (x alpha_t)"
         )
         worst = max(worst, d_prev, d_x0)
         x_ours, x_theirs = res.prev_sample, ref.prev_sample
-    assert np.all(np.isfinite(_np(x_ours)))
+    assert np.all(np.isfinite(host(x_ours)))
     return worst
 
 
@@ -230,7 +218,7 @@ def test_trajectory_on_every_namespace_matches_diffusers(xp):
 
 @pytest.mark.oracle
 def test_add_noise_matches_diffusers_on_scheduled_timesteps(xp, device_f32):
-    diffusers = _diffusers()
+    diffusers = diffusers_or_skip()
     import torch
 
     ours, theirs = DPMSolverMultistepScheduler(), diffusers.DPMSolverMultistepScheduler()
@@ -244,7 +232,7 @@ def test_add_noise_matches_diffusers_on_scheduled_timesteps(xp, device_f32):
     got = ours.add_noise(xa, za, backend.asarray(t, xp, device=device_f32))
     ref = theirs.add_noise(torch.from_numpy(x), torch.from_numpy(z), torch.from_numpy(t))
     _same_kind(got, xa)
-    np.testing.assert_allclose(_np(got), ref.numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(host(got), ref.numpy(), rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------
@@ -284,7 +272,7 @@ def test_exact_noise_prediction_returns_x0(xp, device_f32, kw, dtype_name, tol):
         out = sched.step(model(x, t), t, x)
         _same_kind(out.prev_sample, x)
         x = out.prev_sample
-    assert _maxdiff(x, x0) < tol
+    assert max_abs_diff(x, x0) < tol
 
 
 def test_sigma_min_ends_on_the_trajectory_at_step_0():
@@ -315,7 +303,7 @@ def test_first_order_is_ddim():
     for t in dpm.timesteps:
         a = dpm.step(model(a, t), t, a).prev_sample
         b = ddim.step(model(b, t), t, b).prev_sample
-        assert _maxdiff(a, b) < 1e-5
+        assert max_abs_diff(a, b) < 1e-5
 
 
 # ---------------------------------------------------------------------------
@@ -349,7 +337,7 @@ def test_namespaces_agree(xp):
         s = backend.asarray(np.random.default_rng(4).standard_normal(SHAPE), ns)
         for t in sched.timesteps:
             s = sched.step(0.1 * s + 0.3, t, s).prev_sample
-        return _np(s)
+        return host(s)
 
     np.testing.assert_allclose(run(xp), run(backend.namespace_for("numpy")), rtol=0, atol=1e-6)
 
@@ -514,7 +502,7 @@ def test_config_round_trip(tmp_path):
 
 @pytest.mark.oracle
 def test_diffusers_reads_our_file_and_we_read_theirs(tmp_path):
-    diffusers = _diffusers()
+    diffusers = diffusers_or_skip()
     kw = dict(
         beta_schedule="squaredcos_cap_v2",
         prediction_type="v_prediction",
@@ -565,18 +553,7 @@ def test_from_the_config_of_ddim_or_ddpm():
 # ---------------------------------------------------------------------------
 # sampling through generate and the command line
 # ---------------------------------------------------------------------------
-UNET = dict(
-    sample_size=6,
-    in_channels=1,
-    out_channels=1,
-    block_out_channels=[8, 8],
-    down_block_types=["DownBlock2D", "AttnDownBlock2D"],
-    up_block_types=["AttnUpBlock2D", "UpBlock2D"],
-    layers_per_block=1,
-    norm_num_groups=4,
-    attention_head_dim=8,
-    num_class_embeds=4,
-)
+UNET = TINY_UNET
 
 
 def _unet(xp, dtype="float32"):
@@ -597,12 +574,12 @@ def test_generate_with_dpm_solver(xp):
     assert backend.library_name(backend.get_namespace(res.images)) == backend.library_name(xp)
     assert tuple(res.images.shape) == (3, 1, 6, 6)
     assert backend.dtype_name(res.images.dtype) == "float32"
-    a = _np(res.images)
+    a = host(res.images)
     assert np.all(np.isfinite(a)) and a.min() >= -1.0 and a.max() <= 1.0
     assert res.timesteps == sched.timesteps.tolist() and len(res.trajectory) == 6
     # the same scheduler object again: set_timesteps restarts the multistep chain
     again = generate(model, sched, [0, 1, 2], **kw)
-    assert np.array_equal(_np(again.images), a)
+    assert np.array_equal(host(again.images), a)
 
 
 def test_generate_first_order_dpm_equals_ddim():

@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import diffusers_or_skip, host, max_abs_diff
 
 from xpdiff import backend
 from xpdiff.schedulers import CONFIG_NAME, DDIMScheduler, DDPMScheduler, SchedulerOutput
@@ -29,21 +30,8 @@ PREDICTIONS = ("epsilon", "v_prediction", "sample")
 SPACINGS = ("leading", "trailing", "linspace")
 
 
-def _diffusers():
-    pytest.importorskip("torch")
-    return pytest.importorskip("diffusers")
-
-
-def _np(x) -> np.ndarray:
-    return np.asarray(backend.to_numpy(x))
-
-
-def _maxdiff(a, b) -> float:
-    return float(np.max(np.abs(_np(a).astype(np.float64) - _np(b).astype(np.float64))))
-
-
 def _maxabs(a) -> float:
-    return float(np.max(np.abs(_np(a))))
+    return float(np.max(np.abs(host(a))))
 
 
 def _same_kind(out, ref) -> None:
@@ -120,7 +108,7 @@ def run_against_diffusers(
     worst = 0.0
     for t in ours.timesteps:
         z = rng.standard_normal(SHAPE).astype(dtype)
-        out_ours = backend.asarray(model(_np(x_ours), t), xp)
+        out_ours = backend.asarray(model(host(x_ours), t), xp)
         out_theirs = torch.from_numpy(model(x_theirs.numpy(), t))
         noise = backend.asarray(z, xp)
         if eta is None:
@@ -140,13 +128,13 @@ def run_against_diffusers(
                 )
             else:  # diffusers leaves the grid here (see ddim_reference_step): the formula
                 ref = ddim_reference_step(
-                    ours, _np(out_ours), t, _np(x_ours), eta, z, **step_kwargs
+                    ours, host(out_ours), t, host(x_ours), eta, z, **step_kwargs
                 )
         _same_kind(res.prev_sample, x_ours)
         _same_kind(res.pred_original_sample, x_ours)
         # float32 agreement: 1e-5 absolute, relative where values exceed 1
         # (clipping x_0 while the noise estimate is not clipped lets |x_t| grow)
-        d_prev = _maxdiff(res.prev_sample, ref.prev_sample) / max(1.0, _maxabs(ref.prev_sample))
+        d_prev = max_abs_diff(res.prev_sample, ref.prev_sample) / max(1.0, _maxabs(ref.prev_sample))
         assert d_prev <= ATOL, f"t={t}: prev_sample max |ours - diffusers| = {d_prev:.3g}"
         # x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) magnifies float32 rounding by
         # 1 / sqrt(abar_t) (up to ~150 at t = 999), and torch's float32 sqrt is not
@@ -155,12 +143,12 @@ def run_against_diffusers(
         scale = 1.0
         if ours.config["prediction_type"] == "epsilon":
             scale = math.sqrt(ours.alphas_cumprod[t])
-        d_x0 = _maxdiff(res.pred_original_sample, ref.pred_original_sample) * scale
+        d_x0 = max_abs_diff(res.pred_original_sample, ref.pred_original_sample) * scale
         d_x0 /= max(1.0, _maxabs(ref.pred_original_sample) * scale)
         assert d_x0 <= ATOL, f"t={t}: pred_original_sample max diff (x sqrt(abar)) {d_x0:.3g}"
         worst = max(worst, d_prev, d_x0)
         x_ours, x_theirs = res.prev_sample, ref.prev_sample
-    assert np.all(np.isfinite(_np(x_ours)))
+    assert np.all(np.isfinite(host(x_ours)))
     return worst
 
 
@@ -212,7 +200,7 @@ def ddim_reference_step(ours, out, t, x, eta, z, use_clipped_model_output=False)
     "n_train, start, end", [(1000, 0.0001, 0.02), (1000, 0.00085, 0.012), (37, 0.0003, 0.05)]
 )
 def test_tables_equal_diffusers(schedule, n_train, start, end):
-    diffusers = _diffusers()
+    diffusers = diffusers_or_skip()
     kw = dict(num_train_timesteps=n_train, beta_start=start, beta_end=end, beta_schedule=schedule)
     ours, theirs = DDPMScheduler(**kw), diffusers.DDPMScheduler(**kw)
     assert list(ours.betas) == theirs.betas.tolist()
@@ -238,7 +226,7 @@ def test_linear_betas_equal_torch_linspace_random():
 @pytest.mark.parametrize("offset", [0, 1])
 @pytest.mark.parametrize("n_train", [1000, 37])
 def test_set_timesteps_equal_diffusers(cls_name, spacing, offset, n_train):
-    diffusers = _diffusers()
+    diffusers = diffusers_or_skip()
     kw = dict(num_train_timesteps=n_train, timestep_spacing=spacing, steps_offset=offset)
     ours = {"DDPMScheduler": DDPMScheduler, "DDIMScheduler": DDIMScheduler}[cls_name](**kw)
     theirs = getattr(diffusers, cls_name)(**kw)
@@ -270,7 +258,7 @@ DDPM_GRID = list(
 @pytest.mark.oracle
 @pytest.mark.parametrize("schedule, variance, prediction, spacing", DDPM_GRID)
 def test_ddpm_50_steps_match_diffusers(schedule, variance, prediction, spacing, monkeypatch):
-    diffusers = _diffusers()
+    diffusers = diffusers_or_skip()
     # clip and offset alternate over the grid so each value meets every other option
     i = DDPM_GRID.index((schedule, variance, prediction, spacing))
     for clip, offset in ((i % 2 == 0, i % 3 % 2), (i % 2 == 1, 1 - i % 3 % 2)):
@@ -291,7 +279,7 @@ DDIM_GRID = list(itertools.product(BETA_SCHEDULES, PREDICTIONS, SPACINGS, (0.0, 
 @pytest.mark.oracle
 @pytest.mark.parametrize("schedule, prediction, spacing, eta", DDIM_GRID)
 def test_ddim_50_steps_match_diffusers(schedule, prediction, spacing, eta, monkeypatch):
-    diffusers = _diffusers()
+    diffusers = diffusers_or_skip()
     i = DDIM_GRID.index((schedule, prediction, spacing, eta))
     for clip, offset, to_one in ((i % 2 == 0, i % 3 % 2, True), (i % 2 == 1, 1 - i % 3 % 2, False)):
         kw = dict(
@@ -328,13 +316,13 @@ def test_ddim_50_steps_match_diffusers(schedule, prediction, spacing, eta, monke
     ids=["default", "scaled-large-v-trailing", "cos-sample-linspace"],
 )
 def test_ddpm_1000_steps_match_diffusers(kw, monkeypatch):
-    diffusers = _diffusers()
+    diffusers = diffusers_or_skip()
     run_against_diffusers(DDPMScheduler(**kw), diffusers.DDPMScheduler(**kw), 1000, monkeypatch)
 
 
 @pytest.mark.oracle
 def test_ddpm_full_chain_without_set_timesteps_matches_diffusers(monkeypatch):
-    diffusers = _diffusers()
+    diffusers = diffusers_or_skip()
     kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     run_against_diffusers(DDPMScheduler(**kw), diffusers.DDPMScheduler(**kw), None, monkeypatch)
 
@@ -366,7 +354,7 @@ def test_ddpm_full_chain_without_set_timesteps_matches_diffusers(monkeypatch):
     ids=["default-eta0", "scaled-v-trailing-eta0.5", "cos-sample-linspace-eta0.5"],
 )
 def test_ddim_1000_steps_match_diffusers(kw, eta, monkeypatch):
-    diffusers = _diffusers()
+    diffusers = diffusers_or_skip()
     run_against_diffusers(
         DDIMScheduler(**kw), diffusers.DDIMScheduler(**kw), 1000, monkeypatch, eta=eta
     )
@@ -374,7 +362,7 @@ def test_ddim_1000_steps_match_diffusers(kw, eta, monkeypatch):
 
 @pytest.mark.oracle
 def test_ddim_clipped_model_output_and_eta1_match_diffusers(monkeypatch):
-    diffusers = _diffusers()
+    diffusers = diffusers_or_skip()
     kw = dict(prediction_type="sample", clip_sample_range=0.8)
     run_against_diffusers(
         DDIMScheduler(**kw),
@@ -388,7 +376,7 @@ def test_ddim_clipped_model_output_and_eta1_match_diffusers(monkeypatch):
 
 @pytest.mark.oracle
 def test_small_train_schedule_matches_diffusers(monkeypatch):
-    diffusers = _diffusers()
+    diffusers = diffusers_or_skip()
     kw = dict(num_train_timesteps=37, beta_end=0.05, timestep_spacing="trailing")
     run_against_diffusers(DDPMScheduler(**kw), diffusers.DDPMScheduler(**kw), 10, monkeypatch)
     run_against_diffusers(
@@ -398,7 +386,7 @@ def test_small_train_schedule_matches_diffusers(monkeypatch):
 
 @pytest.mark.oracle
 def test_float64_matches_diffusers(monkeypatch):
-    diffusers = _diffusers()
+    diffusers = diffusers_or_skip()
     run_against_diffusers(
         DDIMScheduler(), diffusers.DDIMScheduler(), 50, monkeypatch, eta=0.5, dtype=np.float64
     )
@@ -410,7 +398,7 @@ def test_float64_matches_diffusers(monkeypatch):
 @pytest.mark.oracle
 @pytest.mark.parametrize("cls_name", ["DDPMScheduler", "DDIMScheduler"])
 def test_trajectory_on_every_namespace_matches_diffusers(xp, cls_name, monkeypatch):
-    diffusers = _diffusers()
+    diffusers = diffusers_or_skip()
     kw = dict(prediction_type="v_prediction", timestep_spacing="trailing")
     ours = {"DDPMScheduler": DDPMScheduler, "DDIMScheduler": DDIMScheduler}[cls_name](**kw)
     theirs = getattr(diffusers, cls_name)(**kw)
@@ -425,7 +413,7 @@ def test_trajectory_on_every_namespace_matches_diffusers(xp, cls_name, monkeypat
 @pytest.mark.parametrize("method", ["add_noise", "get_velocity"])
 @pytest.mark.parametrize("dtype_name", ["float32", "float64"])
 def test_add_noise_and_velocity_match_diffusers(xp, device_f32, method, dtype_name):
-    diffusers = _diffusers()
+    diffusers = diffusers_or_skip()
     import torch
 
     rng = np.random.default_rng(3)
@@ -442,12 +430,12 @@ def test_add_noise_and_velocity_match_diffusers(xp, device_f32, method, dtype_na
         got = getattr(ours, method)(xa, za, ta)
         ref = getattr(theirs, method)(torch.from_numpy(x), torch.from_numpy(z), torch.from_numpy(t))
         _same_kind(got, xa)
-        np.testing.assert_allclose(_np(got), ref.numpy(), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(host(got), ref.numpy(), rtol=0, atol=1e-6)
         # a python list and a python int give the same as an array
         same = getattr(ours, method)(xa, za, [0, 999])
-        assert np.array_equal(_np(same), _np(got))
+        assert np.array_equal(host(same), host(got))
         single = getattr(ours, method)(xa, za, 999)
-        assert np.array_equal(_np(single)[1], _np(got)[1])
+        assert np.array_equal(host(single)[1], host(got)[1])
 
 
 def test_add_noise_formula():
@@ -466,7 +454,7 @@ def test_add_noise_accepts_timesteps_from_another_namespace(xp):
     ts = np.array([10, 20], dtype=np.int32)
     out = sched.add_noise(x, x, ts)
     _same_kind(out, x)
-    assert np.allclose(_np(out), _np(sched.add_noise(x, x, [10, 20])))
+    assert np.allclose(host(out), host(sched.add_noise(x, x, [10, 20])))
 
 
 # ---------------------------------------------------------------------------
@@ -510,7 +498,7 @@ def test_namespaces_agree(xp, cls):
         gen = backend.Generator(42, ns)
         for t in sched.timesteps:
             s = sched.step(0.1 * s, t, s, generator=gen, **kwargs).prev_sample
-        return _np(s)
+        return host(s)
 
     np.testing.assert_allclose(run(xp), run(backend.namespace_for("numpy")), rtol=0, atol=1e-6)
 
@@ -690,7 +678,7 @@ def test_config_round_trip(cls, tmp_path):
 @pytest.mark.oracle
 @pytest.mark.parametrize("cls_name", ["DDPMScheduler", "DDIMScheduler"])
 def test_diffusers_reads_our_file_and_we_read_theirs(cls_name, tmp_path):
-    diffusers = _diffusers()
+    diffusers = diffusers_or_skip()
     ours_cls = {"DDPMScheduler": DDPMScheduler, "DDIMScheduler": DDIMScheduler}[cls_name]
     theirs_cls = getattr(diffusers, cls_name)
     kw = dict(
