@@ -299,34 +299,21 @@ def host_from_tensor_bytes(
 # ---------------------------------------------------------------------------
 # sliding windows (im2col support)
 # ---------------------------------------------------------------------------
-def sliding_windows(
-    x: Any, kh: int, kw: int, stride: int = 1, *, channels_last: bool = False
-) -> Any:
-    """Windows of a 4-D image array as a 6-D array, without a copy where the library allows.
+def sliding_windows(x: Any, kh: int, kw: int, stride: int = 1) -> Any:
+    """Windows of a channels-last (B, H, W, C) array as a (B, Ho, Wo, kh, kw, C) array.
 
-    (B, C, H, W) gives (B, C, Ho, Wo, kh, kw); with ``channels_last=True``,
-    (B, H, W, C) gives (B, Ho, Wo, kh, kw, C), whose reshape to
-    (B*Ho*Wo, kh*kw*C) copies runs of C contiguous values.
-    ``Ho = (H - kh) // stride + 1`` and likewise ``Wo``.  NumPy and CuPy get a
-    zero-copy strided view, PyTorch ``as_strided``; any other namespace gets the
-    same values built from kh*kw strided slices (a copy).
+    Its reshape to (B*Ho*Wo, kh*kw*C), the im2col column matrix, copies runs of C
+    contiguous values.  ``Ho = (H - kh) // stride + 1`` and likewise ``Wo``.  NumPy and
+    CuPy get a zero-copy strided view, PyTorch ``as_strided``; any other namespace gets
+    the same values built from kh*kw strided slices (a copy).
     """
-    if channels_last:
-        B, H, W, C = x.shape
-    else:
-        B, C, H, W = x.shape
+    B, H, W, C = x.shape
     Ho = (H - kh) // stride + 1
     Wo = (W - kw) // stride + 1
-    if channels_last:
-        shape = (B, Ho, Wo, kh, kw, C)
+    shape = (B, Ho, Wo, kh, kw, C)
 
-        def strides(s: tuple) -> tuple:
-            return (s[0], s[1] * stride, s[2] * stride, s[1], s[2], s[3])
-    else:
-        shape = (B, C, Ho, Wo, kh, kw)
-
-        def strides(s: tuple) -> tuple:
-            return (s[0], s[1], s[2] * stride, s[3] * stride, s[2], s[3])
+    def strides(s: tuple) -> tuple:
+        return (s[0], s[1] * stride, s[2] * stride, s[1], s[2], s[3])
 
     if array_api_compat.is_numpy_array(x):
         return np.lib.stride_tricks.as_strided(x, shape, strides(x.strides), writeable=False)
@@ -337,17 +324,14 @@ def sliding_windows(
     if array_api_compat.is_torch_array(x):
         return x.as_strided(shape, strides(x.stride()), x.storage_offset())
     xp = get_namespace(x)
-    h_ax, w_ax = (1, 2) if channels_last else (2, 3)
     rows = []
     for i in range(kh):
-        cols = []
-        for j in range(kw):
-            idx = [slice(None)] * 4
-            idx[h_ax] = slice(i, i + stride * (Ho - 1) + 1, stride)
-            idx[w_ax] = slice(j, j + stride * (Wo - 1) + 1, stride)
-            cols.append(x[tuple(idx)])
-        rows.append(xp.stack(cols, axis=-1 if not channels_last else 3))
-    return xp.stack(rows, axis=-2 if not channels_last else 3)
+        cols = [
+            x[:, i : i + stride * (Ho - 1) + 1 : stride, j : j + stride * (Wo - 1) + 1 : stride, :]
+            for j in range(kw)
+        ]
+        rows.append(xp.stack(cols, axis=3))  # (B, Ho, Wo, kw, C)
+    return xp.stack(rows, axis=3)  # (B, Ho, Wo, kh, kw, C)
 
 
 # ---------------------------------------------------------------------------

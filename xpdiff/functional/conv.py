@@ -82,7 +82,7 @@ def im2col(x: Any, kh: int, kw: int, stride: int = 1, pad: int = 0) -> Any:
     B, H, W, C = x.shape
     if kh == kw == 1 and stride == 1 and pad == 0:
         return xp.reshape(x, (B * H * W, C))
-    win = backend.sliding_windows(pad2d(x, pad), kh, kw, stride, channels_last=True)
+    win = backend.sliding_windows(pad2d(x, pad), kh, kw, stride)
     Ho, Wo = win.shape[1], win.shape[2]
     return xp.reshape(win, (B * Ho * Wo, kh * kw * C))
 
