@@ -301,11 +301,15 @@ def test_matmul_into_writes_only_its_rows(xp):
 
 @pytest.mark.parametrize(
     ("per_sample", "batch", "tile", "want"),
-    [(100, 64, 1000, 10), (100, 64, 10**9, 64), (10**9, 64, 1000, 1), (100, 3, 1000, 3)],
+    [(25, 64, 1000, 10), (25, 64, 10**9, 64), (10**9, 64, 1000, 1), (25, 3, 1000, 3)],
 )
 def test_tile_samples(xp, monkeypatch, per_sample, batch, tile, want):
+    """Elements of float32 (4 bytes) per sample against a tile of ``tile`` bytes; float64
+    halves the count."""
     monkeypatch.setattr(backend, "TILE_BYTES", tile)
-    assert backend.tile_samples(per_sample, batch, xp) == want
+    assert backend.tile_samples(per_sample, batch, xp.zeros(1, dtype=xp.float32)) == want
+    if want not in (1, batch):
+        assert backend.tile_samples(per_sample, batch, xp.zeros(1, dtype=xp.float64)) == want // 2
 
 
 def test_map_tiles_runs_every_tile_once_in_order(xp, monkeypatch):

@@ -360,15 +360,17 @@ four times one core's L2 cache, the best of 0.5-8x measured for whole training s
 (benchmarks/RESULTS.md).  ``XPDIFF_TILE_BYTES`` overrides it."""
 
 
-def tile_samples(bytes_per_sample: int, batch: int, xp: Any) -> int:
-    """How many samples of a batch one tile holds so its temporary fits ``TILE_BYTES``.
+def tile_samples(elements_per_sample: int, batch: int, like: Any) -> int:
+    """How many samples of a batch one tile holds so its temporaries fit ``TILE_BYTES``.
 
-    At least 1 and at most ``batch``.  On CuPy the whole batch is one tile: a GPU gains
-    nothing from CPU-cache tiles and every extra kernel launch costs.
+    ``elements_per_sample`` counts the temporaries' elements for one sample, of the dtype
+    of the array ``like``.  At least 1 and at most ``batch``.  On CuPy the whole batch is
+    one tile: a GPU gains nothing from CPU-cache tiles and every extra kernel launch costs.
     """
-    if array_api_compat.is_cupy_namespace(xp):
+    if array_api_compat.is_cupy_array(like):
         return max(batch, 1)
-    return max(1, min(batch, TILE_BYTES // max(int(bytes_per_sample), 1)))
+    per_sample = int(elements_per_sample) * np.dtype(dtype_name(like.dtype)).itemsize
+    return max(1, min(batch, TILE_BYTES // max(per_sample, 1)))
 
 
 _pool: Any = None

@@ -45,8 +45,7 @@ def _tile(q: Any, k: Any, arrays: int) -> int:
     """Samples per tile so that ``arrays`` (h, N, M) blocks of scores fit the tile size."""
     B, N, h, _ = q.shape
     M = k.shape[1]
-    item = 8 if backend.dtype_name(q.dtype) == "float64" else 4
-    return backend.tile_samples(arrays * h * N * M * item, B, backend.get_namespace(q))
+    return backend.tile_samples(arrays * h * N * M, B, q)
 
 
 def _probabilities(q: Any, k: Any, scale: float, row_max: Any, inv_sum: Any) -> Any:

@@ -142,13 +142,9 @@ def _tiled_conv(x: Any, wm: Any, kh: int, kw: int, stride: int, pad: int) -> Any
         cols = im2col(x[t, ...], kh, kw, stride, pad)
         backend.matmul_into(y2, slice(t.start * per, t.stop * per), cols, wm)
 
-    n = backend.tile_samples(per * kh * kw * C * _itemsize(x), B, xp)
+    n = backend.tile_samples(per * kh * kw * C, B, x)
     backend.map_tiles(tile, B, n, xp)
     return y
-
-
-def _itemsize(x: Any) -> int:
-    return 8 if backend.dtype_name(x.dtype) == "float64" else 4
 
 
 @dataclass
@@ -236,8 +232,8 @@ def conv2d_backward(cache: Conv2dCache, gy: Any) -> tuple[Any, Any, Any | None]:
                 gx[t, ...] = col2im(g_t @ wmT, (nt, H, W, C), kh, kw, stride, pad)
             return cols.T @ g_t
 
-        per_bytes = (per_out * kh * kw * C + per_in * kh * kw * O) * _itemsize(x)
-        parts = backend.map_tiles(tile, B, backend.tile_samples(per_bytes, B, xp), xp)
+        per_sample = per_out * kh * kw * C + per_in * kh * kw * O
+        parts = backend.map_tiles(tile, B, backend.tile_samples(per_sample, B, x), xp)
         gwm = parts[0]
         for part in parts[1:]:  # in tile order: the same sum on every schedule
             gwm += part

@@ -79,10 +79,9 @@ def _channel_sum(a: Any, layout: str) -> Any:
     return xp.sum(a, axis=(0,) + tuple(range(2, a.ndim)))
 
 
-def _tile(shape: tuple, dtype: Any, xp: Any) -> int:
+def _tile(like: Any, shape: tuple) -> int:
     """Samples per tile: about five arrays of a tile live at once."""
-    item = 8 if backend.dtype_name(dtype) == "float64" else 4
-    return backend.tile_samples(5 * math.prod(shape[1:]) * item, shape[0], xp)
+    return backend.tile_samples(5 * math.prod(shape[1:]), shape[0], like)
 
 
 def group_norm_forward(
@@ -150,7 +149,7 @@ def group_norm_forward(
                 s[t, ...] = st
         y[t, ...] = yt
 
-    backend.map_tiles(tile, shape[0], _tile(shape, x.dtype, xp), xp)
+    backend.map_tiles(tile, shape[0], _tile(x, shape), xp)
     if not keep_cache:
         return y, None
     cache = GroupNormCache(xhat, inv, w, shape, layout, num_groups)
@@ -202,7 +201,7 @@ def group_norm_backward(cache: GroupNormCache, gy: Any) -> tuple[Any, Any | None
         gx[t, ...] = xp.reshape(gt, tshape)
         return sb, sw
 
-    parts = backend.map_tiles(tile, shape[0], _tile(shape, gy.dtype, xp), xp)
+    parts = backend.map_tiles(tile, shape[0], _tile(gy, shape), xp)
     if c.w is not None:  # summed in tile order: the same on every schedule
         gb, gw = parts[0]
         for sb, sw in parts[1:]:
