@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import backend
+from .conv import LAYOUTS
 
 __all__ = [
     "UpsampleCache",
@@ -37,8 +38,8 @@ def _one_hot(idx: list[int], n_in: int, like: Any) -> Any:
 
 
 def _spatial_axes(layout: str) -> tuple[int, int]:
-    if layout not in ("NCHW", "NHWC"):
-        raise ValueError(f"upsample_nearest: layout must be 'NCHW' or 'NHWC', got {layout!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"upsample_nearest: layout must be one of {LAYOUTS}, got {layout!r}")
     return (1, 2) if layout == "NHWC" else (2, 3)
 
 

@@ -21,7 +21,7 @@ from . import init
 from ._checks import check_input
 from .module import Module, Parameter, is_grad_enabled
 
-LAYOUTS = ("NCHW", "NHWC")
+LAYOUTS = F.conv.LAYOUTS  # ("NCHW", "NHWC")
 
 __all__ = [
     "Conv2d",
