@@ -19,6 +19,19 @@ Checkpoints are written into a temporary directory and renamed into place, and
 resumes from its last complete checkpoint.  Resuming restores the weights, EMA,
 optimizer moments, step, the data order of the current epoch and the noise
 generator, so a resumed run reproduces the uninterrupted one bit for bit.
+
+Data parallel (``mpiexec -n N``, see :mod:`xpdiff.distributed`): every process draws the
+same permutation of the images, and the global batch of ``batch_size`` splits into
+``shards`` contiguous parts (sizes differing by at most one; by default one per process).
+Shard k draws its noise, timesteps and label dropout from its own generator, seeded by
+``seed + 2`` for k = 0 (the stream of a single-process run) and by ``(seed + 2, k)`` for
+k > 0, so the numbers do not depend on which process runs which shard, nor on the launch
+order.  Each process scales its shards' gradients by their share of the batch, and one
+all-reduce of one flattened buffer sums them.  A single process given ``shards=N`` runs the
+same shards one after another (``accumulate``) and sums their gradients in shard order:
+for N = 2 that is the same single addition as the all-reduce, so one process reproduces a
+two-process run bit for bit, in float32 and float64.  Only rank 0 writes checkpoints,
+metrics and the progress bar; every process resumes from the same checkpoint.
 """
 
 from __future__ import annotations
@@ -39,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import _validation, backend, io
+from . import _validation, backend, distributed, io
 from .functional.losses import mse_loss
 from .models.unet_2d import UNet2DModel
 from .optim import EMA, AdamW, clip_grad_norm, warmup_cosine
@@ -82,6 +95,14 @@ class TrainingSettings:
     checkpoint_every: int = 200
     keep_checkpoints: int = 2  # 0: keep all
     log_every: int = 10
+    # Data parallel: the global batch splits into `shards` parts, each with its own noise
+    # generator (see the module docstring); the processes share them out.  None: one shard
+    # per process.  shards=N in one process reproduces `mpiexec -n N` (see `accumulate`).
+    shards: int | None = None
+    # A process holding several shards: True runs them one after another and sums their
+    # gradients in shard order (gradient accumulation: the memory of one shard); False runs
+    # them as one forward pass (equal up to float rounding of the batch mean).
+    accumulate: bool = True
 
     def validate(self, where: str = "TrainingSettings") -> None:
         """Check the type and range of every field.
@@ -106,6 +127,8 @@ class TrainingSettings:
         v.check_int(where, "checkpoint_every", self.checkpoint_every, min=1)
         v.check_int(where, "keep_checkpoints", self.keep_checkpoints, min=0)
         v.check_int(where, "log_every", self.log_every, min=1)
+        v.check_int(where, "shards", self.shards, min=1, max=self.batch_size, none=True)
+        v.check_bool(where, "accumulate", self.accumulate)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -188,11 +211,15 @@ class Trainer:
             ``resumable_keys`` (default: ``settings.to_json()``).
         null_class: the label that stands for "no label" (default: the model's last class).
         data_name: how messages name the data (e.g. a folder).
-        progress: show a progress bar.
+        progress: show a progress bar (rank 0 only).
+        world: the processes training together (default: :func:`xpdiff.distributed.world`,
+            one process unless launched by ``mpiexec``).  Every process builds its Trainer
+            with the same arguments; rank 0's initial weights are broadcast to the others.
 
     Raises:
-        ValueError: images or labels of the wrong shape or range for the model, or bad
-            settings (the message names them).
+        ValueError: images or labels of the wrong shape or range for the model, bad
+            settings (the message names them), ``shards`` not a multiple of the number of
+            processes, or processes that disagree on the model, settings or data.
     """
 
     #: run_config keys that may differ between a checkpoint and the run resuming it
@@ -202,6 +229,8 @@ class Trainer:
         "checkpoint_every",
         "log_every",
         "keep_checkpoints",
+        "shards",  # the shard count itself must match the checkpoint's (checked on resume)
+        "accumulate",
     )
     #: the end of a divergence message: what to do about it
     diverged_advice = (
@@ -222,6 +251,7 @@ class Trainer:
         null_class: int | None = None,
         data_name: str = "the training data",
         progress: bool = True,
+        world: distributed.World | None = None,
     ):
         settings = TrainingSettings() if settings is None else settings
         settings.validate()
@@ -235,11 +265,22 @@ class Trainer:
         arrays = (images,) if labels is None else (images, labels)
         self.data_sha256 = fingerprint(*arrays)
         self._lock = RunLock(self.run_dir)
+        self.world = distributed.world() if world is None else world
+        self.shards, self.local_shards = self._share_out()
+        if self.world.size > 1:
+            config = json.dumps(dict(model.config), sort_keys=True, default=str)
+            self.world.check_same("model configuration", config)
+            self.world.check_same("run configuration", self.run_config)
+            self.world.check_same("training data (fingerprint)", self.data_sha256)
+            distributed.broadcast_parameters(model.parameters(), self.world)
         self.optimizer = AdamW(model, lr=settings.lr, weight_decay=settings.weight_decay)
         self.ema = EMA(model, settings.ema_decay)
         self.loss_weights = self._loss_weight_table()
         self.data_rng = backend.Generator(settings.seed + 1, backend.namespace_for("numpy"))
-        self.noise_rng = backend.Generator(settings.seed + 2, self.xp)
+        self.noise_rngs = [
+            backend.Generator(_noise_seed(settings.seed, k), self.xp) for k in self.local_shards
+        ]
+        self.noise_rng = self.noise_rngs[0]  # this process's first shard
         n = self.num_images
         self.steps_per_epoch = -(-n // settings.batch_size)
         self.total_steps = settings.max_steps or settings.epochs * self.steps_per_epoch
@@ -251,6 +292,23 @@ class Trainer:
     @property
     def num_images(self) -> int:
         return int(self.images.shape[0])
+
+    def _share_out(self) -> tuple[int, range]:
+        """The number of shards of each batch, and the shards this process runs."""
+        size, shards = self.world.size, self.settings.shards or self.world.size
+        if shards % size:
+            raise ValueError(
+                f"Trainer: expected shards to be a multiple of the {size} processes, got "
+                f"{shards}; pass shards={size * max(1, shards // size)} or launch another "
+                f"number of processes"
+            )
+        if shards > self.settings.batch_size:
+            raise ValueError(
+                f"Trainer: expected at most batch_size={self.settings.batch_size} shards "
+                f"(one sample each), got {shards} (for {size} processes); raise batch_size"
+            )
+        per = shards // size
+        return shards, range(self.world.rank * per, (self.world.rank + 1) * per)
 
     def _check_data(self, images: Any, labels: Any, null_class: int | None) -> int | None:
         """Check the images and labels against the model; returns the null class (None
@@ -315,18 +373,86 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def train_step(self, x0_host: Any, labels_host: Any = None) -> tuple[float, float]:
-        """One optimisation step on a host batch (labels None when unconditional); returns
-        ``(loss, grad_norm)``."""
-        cfg, xp, dt = self.settings, self.xp, self.dtype
-        B = x0_host.shape[0]
-        sched = self.noise_scheduler
+        """One optimisation step on the global host batch ``(B, C, H, W)`` (labels ``(B,)``,
+        or None when unconditional); returns ``(loss, grad_norm)``, the loss averaged over
+        the whole batch (all processes).  Every process passes the same batch and computes
+        its own shards of it.
+
+        Raises:
+            TrainingDiverged: the loss or the gradient norm is not finite (on every process).
+        """
+        n = x0_host.shape[0]
+        params = self.model.parameters()
+        groups = self._local_groups(n)
+        gather = len(groups) > 1 or self.world.size > 1  # gradients go through one buffer
+        loss, buffer = 0.0, None
+        for group in groups:
+            lo, hi = group[0][1], group[-1][2]
+            share = (hi - lo) / n  # this part's weight in the batch mean
+            ys = None if labels_host is None else labels_host[lo:hi]
+            part, grad = self._loss_and_grad(x0_host[lo:hi], ys, group)
+            loss += part * share
+            self.model.zero_grad()
+            self.model.backward(grad if share == 1.0 else grad * share)
+            if gather:
+                flat = distributed.gradient_buffer(params)
+                buffer = flat if buffer is None else buffer + flat
+        loss = self.world.allreduce_scalar(loss)  # NaN on any process reaches all of them
+        if not math.isfinite(loss):
+            self._diverged(f"loss became {loss}")
+        if self.world.size > 1:
+            if buffer is None:  # no sample of this batch fell on this process: zeros
+                self.model.zero_grad()
+                buffer = distributed.gradient_buffer(params)
+            self.world.allreduce_sum(buffer)
+        if buffer is not None:
+            distributed.set_gradients(params, buffer)
+        cfg = self.settings
+        norm = clip_grad_norm(self.model, cfg.grad_clip)
+        if not math.isfinite(norm):
+            self._diverged(f"gradient norm became {norm}")
+        self.optimizer.lr = warmup_cosine(
+            self.step, cfg.lr, cfg.warmup_steps, self.total_steps, cfg.min_lr
+        )
+        self.optimizer.step()
+        self.ema.update(self.model)
+        self.step += 1
+        return loss, norm
+
+    def _diverged(self, what: str) -> None:
+        last = self.latest_checkpoint()
+        raise TrainingDiverged(
+            f"{what} at step {self.step}; the last good checkpoint is "
+            f"{last if last else '(none yet)'}; {self.diverged_advice}"
+        )
+
+    def _local_groups(self, n: int) -> list[list[tuple[int, int, int]]]:
+        """This process's shards of a batch of ``n`` as ``(shard, start, stop)``, grouped
+        into forward passes: one per shard (``accumulate``) or one for all; empty shards
+        (a last batch smaller than the shard count) are left out."""
+        base, extra = divmod(n, self.shards)
+        bounds = [k * base + min(k, extra) for k in range(self.shards + 1)]
+        mine = [(k, bounds[k], bounds[k + 1]) for k in self.local_shards]
+        mine = [m for m in mine if m[2] > m[1]]
+        if not mine:
+            return []
+        return [[m] for m in mine] if self.settings.accumulate else [mine]
+
+    def _loss_and_grad(
+        self, x0_host: Any, labels_host: Any, group: list[tuple[int, int, int]]
+    ) -> tuple[float, Any]:
+        """Forward pass over consecutive shards; returns the mean loss over their samples
+        and its gradient with respect to the model's output."""
+        xp, dt, sched = self.xp, self.dtype, self.noise_scheduler
         x0 = backend.asarray(x0_host, xp, dtype=dt)
-        t = self.noise_rng.integers(0, sched.config["num_train_timesteps"], (B,))
-        noise = self.noise_rng.normal(tuple(x0.shape), dtype=dt)
+        draws = [self._draw(k, hi - lo, tuple(x0.shape[1:]), labels_host) for k, lo, hi in group]
+        t, noise, drop = (
+            parts[0] if len(parts) == 1 or parts[0] is None else xp.concat(parts)
+            for parts in zip(*draws, strict=True)
+        )
         labels = None
         if labels_host is not None:
             labels = backend.asarray(labels_host, xp, dtype=xp.int64)
-            drop = self.noise_rng.uniform((B,)) < cfg.label_dropout
             labels = xp.where(drop, xp.full_like(labels, self.null_class), labels)
         xt = sched.add_noise(x0, noise, t)
         prediction_type = sched.config["prediction_type"]
@@ -339,35 +465,23 @@ class Trainer:
         pred = self.model(xt, t, labels)
         weight = None if self.loss_weights is None else xp.take(self.loss_weights, t, axis=0)
         loss, grad = mse_loss(pred, target, weight)
-        loss = float(loss)
-        if not math.isfinite(loss):
-            last = self.latest_checkpoint()
-            raise TrainingDiverged(
-                f"loss became {loss} at step {self.step}; the last good checkpoint is "
-                f"{last if last else '(none yet)'}; {self.diverged_advice}"
-            )
-        self.model.zero_grad()
-        self.model.backward(grad)
-        norm = clip_grad_norm(self.model, cfg.grad_clip)
-        if not math.isfinite(norm):
-            last = self.latest_checkpoint()
-            raise TrainingDiverged(
-                f"gradient norm became {norm} at step {self.step}; the last good checkpoint is "
-                f"{last if last else '(none yet)'}; {self.diverged_advice}"
-            )
-        self.optimizer.lr = warmup_cosine(
-            self.step, cfg.lr, cfg.warmup_steps, self.total_steps, cfg.min_lr
-        )
-        self.optimizer.step()
-        self.ema.update(self.model)
-        self.step += 1
-        return loss, norm
+        return float(loss), grad
+
+    def _draw(self, shard: int, m: int, sample_shape: tuple, labels: Any) -> tuple:
+        """Shard ``shard``'s timesteps (m,), noise (m, *sample_shape) and, with labels, label
+        dropout mask (m,), from its own generator, in that order."""
+        rng = self.noise_rngs[shard - self.local_shards.start]
+        t = rng.integers(0, self.noise_scheduler.config["num_train_timesteps"], (m,))
+        noise = rng.normal((m, *sample_shape), dtype=self.dtype)
+        drop = None if labels is None else rng.uniform((m,)) < self.settings.label_dropout
+        return t, noise, drop
 
     def train(self, until: int | None = None) -> dict:
         """Train until ``total_steps`` (or stop early at step ``until``, as an interruption
         would); checkpoint every ``checkpoint_every`` steps and where it stops.
 
         Holds the run directory's lock while it runs (released when it returns or raises).
+        Under MPI every process calls it; rank 0 alone writes the run directory.
 
         Returns a summary dict (steps, final loss, seconds).
 
@@ -378,22 +492,29 @@ class Trainer:
         stop = self.total_steps if until is None else min(until, self.total_steps)
         self.lock()
         try:
-            self._remove_leftovers()
-            self._truncate_metrics()
-            io.save_json(self.run_config, self.run_dir / "config.json")
+            self.world.on_root(self._prepare_run_dir)
             return self._train(stop)
         finally:
             self.unlock()
+
+    def _prepare_run_dir(self) -> None:
+        self._remove_leftovers()
+        self._truncate_metrics()
+        io.save_json(self.run_config, self.run_dir / "config.json")
 
     def lock(self) -> bool:
         """Take the run directory's lock (see :class:`RunLock`) unless this trainer holds it.
 
         Returns True when this call took it.  ``train`` takes it for its duration; ``resume``
-        takes it and keeps it until ``train`` ends or :meth:`unlock`.
+        takes it and keeps it until ``train`` ends or :meth:`unlock`.  Under MPI rank 0
+        holds it for all processes (every process calls this; all raise together).
 
         Raises:
             RunLocked: another process trains in the same directory (the message names it).
         """
+        return self.world.on_root(self._take_lock)
+
+    def _take_lock(self) -> bool:
         if self._lock.held:
             return False
         self._lock.acquire()
@@ -406,7 +527,7 @@ class Trainer:
     def _train(self, stop: int) -> dict:
         cfg = self.settings
         bar = None
-        if self.progress:
+        if self.progress and self.world.is_root:
             from tqdm.auto import tqdm
 
             height, width = self.images.shape[2:]
@@ -480,6 +601,9 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
     def _log(self, record: dict) -> None:
+        self.world.on_root(self._append_metrics, record)
+
+    def _append_metrics(self, record: dict) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -511,11 +635,21 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write ``checkpoint-<step>`` atomically and point ``latest.json`` at it.
 
+        Under MPI every process calls it: the noise generator states of all shards are
+        gathered, rank 0 writes, and the others wait for it (a barrier).
+
         Raises:
             TrainingDiverged: a weight, EMA weight or optimizer moment is not finite (nothing
                 is written; the previous checkpoint stays the latest).
         """
         self._check_finite()
+        per_process = self.world.allgather_object([r.get_state() for r in self.noise_rngs])
+        noise_states = [state for states in per_process for state in states]
+        return self.world.on_root(self._write_checkpoint, noise_states)
+
+    def _write_checkpoint(self, noise_states: list[dict]) -> Path:
+        # one shard: the layout of single-process runs before data parallel training
+        shards = {"shards": self.shards, "noise_rng_states": noise_states}
         final = self.run_dir / f"checkpoint-{self.step:07d}"
         tmp = self.run_dir / f".tmp-checkpoint-{self.step:07d}-{os.getpid()}"
         if tmp.exists():
@@ -535,12 +669,13 @@ class Trainer:
                     "batch_in_epoch": self.batch_in_epoch,
                     "epoch_rng_state": self.epoch_rng_state,
                     "data_rng_state": self.data_rng.get_state(),
-                    "noise_rng_state": self.noise_rng.get_state(),
+                    "noise_rng_state": noise_states[0],
                     "optimizer": opt_scalars,
                     "ema": ema_scalars,
                     "n_train": self.num_images,
                     "data_sha256": self.data_sha256,
                     "train_config": self.run_config,
+                    **(shards if self.shards > 1 else {}),
                 },
                 tmp / "trainer_state.json",
             )
@@ -629,18 +764,32 @@ class Trainer:
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
         self.epoch_rng_state = state["epoch_rng_state"]
-        for key, rng in (
-            ("epoch_rng_state", None),
-            ("data_rng_state", self.data_rng),
-            ("noise_rng_state", self.noise_rng),
-        ):
+        noise_states = self._noise_states(state, where)
+        restore = [("epoch_rng_state", None, state["epoch_rng_state"])]
+        restore.append(("data_rng_state", self.data_rng, state["data_rng_state"]))
+        for k, rng in zip(self.local_shards, self.noise_rngs, strict=True):
+            key = "noise_rng_state" if self.shards == 1 else f"noise_rng_states[{k}]"
+            restore.append((key, rng, noise_states[k]))
+        for key, rng, value in restore:
             probe = rng or backend.Generator(0, backend.namespace_for("numpy"))
             try:
-                probe.set_state(state[key])
+                probe.set_state(value)
             except (TypeError, ValueError, KeyError) as err:
                 raise ValueError(
                     f"{where}: {key} is not a generator state ({_message(err)})"
                 ) from err
+
+    def _noise_states(self, state: dict, where: str) -> list:
+        """The noise generator states of every shard a trainer state records."""
+        states = state.get("noise_rng_states", [state["noise_rng_state"]])
+        if not isinstance(states, list) or len(states) != self.shards:
+            got = len(states) if isinstance(states, list) else states
+            raise ValueError(
+                f"{where}: the checkpoint split each batch into {got} shards, this run into "
+                f"{self.shards} ({self.world.size} processes): resume with shards={got} "
+                f"(its noise streams), launching a number of processes that divides it"
+            )
+        return states
 
     def _check_position(self, state: dict, where: str) -> None:
         """The step, epoch and batch of a trainer state must be consistent with this data."""
@@ -715,7 +864,7 @@ class Trainer:
         """
         locked_here = self.lock()
         try:
-            last = self.latest_checkpoint()
+            last = self.world.on_root(self.latest_checkpoint)  # one choice for all processes
             if last is None:
                 return False
             self.load_checkpoint(last)
@@ -727,6 +876,12 @@ class Trainer:
 
 
 _CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
+
+
+def _noise_seed(seed: int, shard: int) -> int | list[int]:
+    """The seed of shard ``shard``'s noise generator: ``seed + 2`` for shard 0 (the noise of
+    a single-process run), the entropy ``[seed + 2, shard]`` (a NumPy SeedSequence) after."""
+    return seed + 2 if shard == 0 else [seed + 2, shard]
 
 
 def _message(err: BaseException) -> str:
