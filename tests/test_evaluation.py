@@ -12,7 +12,14 @@ from xpdiff import backend
 from xpdiff.digits import classifier as clf
 from xpdiff.digits import data
 from xpdiff.digits.classifier import DigitClassifier, load_or_train_classifier
-from xpdiff.digits.evaluation import EvalReport, evaluate_samples, frechet_distance
+from xpdiff.digits.evaluation import (
+    EvalReport,
+    background_stats,
+    border_width,
+    evaluate_samples,
+    frechet_distance,
+    save_samples,
+)
 from xpdiff.testing import check_backward
 
 #: A quick recipe for the tests (about 4 s on one core): a narrow net at 14x14, few epochs,
@@ -245,12 +252,48 @@ def test_evaluate_real_digits_score_high(trained14, prepared14):
     assert bad.frechet_distance > 10 * report.frechet_distance
     # without real labels the classifier's recorded held-out accuracy is reported
     assert bad.classifier_accuracy == model.info["heldout_accuracy"]
+    assert bad.classifier_confident_accuracy is None and bad.real_per_digit_background == {}
+    # noise is far from clean: its background is many times the real one
+    assert bad.background_ratio > 10 and not bad.checks()[4][3]
+
+    # the strict figures: confident accuracy, background and FD at equal sample sizes
+    assert report.confident_accuracy <= report.accuracy
+    assert report.confident_accuracy >= 0.85
+    assert set(report.per_digit_confident) == set(range(10))
+    assert 0.0 <= report.classifier_confident_accuracy <= report.classifier_accuracy
+    assert report.fd_samples == 250 and report.fd_draws == 1  # 300 generated, halves of 250
+    assert report.fd_ratio == pytest.approx(report.frechet_distance / report.real_floor)
+    assert 0.7 < report.background_ratio < 1.4  # real training digits vs real held-out
+    assert 0.0 < report.real_background < 0.05
+    assert (
+        set(report.per_digit_background) == set(range(10)) == set(report.real_per_digit_background)
+    )
+    assert report.border == 2
+    names = [c[0] for c in report.checks()]
+    assert names[0] == "accuracy" and names[3] == "Frechet distance / floor"
+    assert report.checks()[0][3] == (report.accuracy >= 0.99)
 
     text = report.format()
-    assert "Frechet distance" in text and "floor" in text and len(text.splitlines()) >= 14
-    js = json.loads(json.dumps(report.to_json()))
+    lines = text.splitlines()
+    assert lines[1].split()[:2] == ["strict", "figures"] and lines[2].split()[0] == "accuracy"
+    assert "Frechet distance" in text and "floor" in text and len(lines) >= 14
+    assert "background (2-pixel border mean)" in text and "confident" in text
+    js = json.loads(json.dumps(report.to_json(), allow_nan=False))
     assert js["per_digit_accuracy"]["3"] == report.per_digit_accuracy[3]
+    assert js["per_digit_background"]["3"] == report.per_digit_background[3]
     assert js["n_samples"] == 300
+    assert js["fd_ratio"] == report.fd_ratio and js["checks"][0]["name"] == "accuracy"
+
+
+def test_evaluate_frechet_uses_equal_counts_and_draws(trained14, prepared14):
+    model, _ = trained14
+    p = prepared14
+    idx = np.random.default_rng(0).permutation(p.y_train.shape[0])[:600]
+    report = evaluate_samples(model, p.x_train[idx], p.y_train[idx], p.x_test, p.y_test)
+    assert (report.fd_samples, report.fd_draws) == (250, 2)
+    few = evaluate_samples(model, p.x_train[idx[:40]], p.y_train[idx[:40]], p.x_test, p.y_test)
+    assert (few.fd_samples, few.fd_draws) == (40, 1)
+    assert few.real_floor > report.real_floor  # the floor is measured at the same 40 rows
 
 
 def test_evaluate_errors(prepared14):
@@ -269,6 +312,86 @@ def test_evaluate_errors(prepared14):
         evaluate_samples(model, x, prepared14.y_test[:20], big)
     with pytest.raises(ValueError, match="size must be 28 or 14"):
         load_or_train_classifier(7)
+    bad_labels = np.full(20, 10)
+    with pytest.raises(ValueError, match=r"requested labels in 0..9, got values in \[10, 10\]"):
+        evaluate_samples(model, x, bad_labels, x)
+
+
+# ---------------------------------------------------------------------------
+# background, saved samples, the classifier's recipe hash
+# ---------------------------------------------------------------------------
+def test_background_stats_known_images():
+    x = -np.ones((3, 1, 14, 14), np.float32)  # black
+    x[1, 0, 5:9, 5:9] = 1.0  # white inside only
+    x[2, 0, 0, :] = 1.0  # one white border row: 14 of the 14*14 - 10*10 = 96 border pixels
+    x[2, 0, 1, :] = -0.9  # level 0.05: faint, still near-black
+    st = background_stats(x)
+    assert border_width(14) == 2 and border_width(28) == 4
+    np.testing.assert_allclose(st["border_mean"], [0.0, 0.0, (14 + 14 * 0.05) / 96])
+    np.testing.assert_allclose(st["border_ink"], [0.0, 0.0, 14 / 96])
+    np.testing.assert_allclose(st["near_black"], [1.0, 1 - 16 / 196, 1 - 14 / 196])
+    assert background_stats(x, border=1)["border_ink"][2] == pytest.approx(14 / 52)
+    with pytest.raises(
+        ValueError, match=r"expected images of shape \(N, 1, S, S\), got \(3, 14, 14\)"
+    ):
+        background_stats(x[:, 0])
+    with pytest.raises(ValueError, match="border of 1..6 pixels, got 7"):
+        background_stats(x, border=7)
+
+
+def test_save_samples_roundtrip(tmp_path, xp):
+    gen = backend.Generator(0, xp)
+    images = gen.uniform((4, 1, 14, 14)) * 2 - 1
+    path = tmp_path / "s.npz"
+    save_samples(path, images, [0, 1, 2, 9], {"scheduler": "ddim", "steps": 50, "seed": 0})
+    with np.load(path) as z:
+        assert z["images"].dtype == np.float32 and z["images"].shape == (4, 1, 14, 14)
+        np.testing.assert_array_equal(z["images"], backend.to_numpy(images).astype(np.float32))
+        assert z["labels"].dtype == np.int64 and z["labels"].tolist() == [0, 1, 2, 9]
+        assert json.loads(str(z["settings"])) == {"scheduler": "ddim", "steps": 50, "seed": 0}
+    with pytest.raises(ValueError, match=r"image/label count mismatch: 4 images but 3 labels"):
+        save_samples(path, images, [0, 1, 2])
+    with pytest.raises(ValueError, match=r"\(N, 1, S, S\), got \(4, 14, 14\)"):
+        save_samples(path, images[:, 0, ...], [0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"labels in 0..9"):
+        save_samples(path, images, [0, 1, 2, 12])
+
+
+def test_recipe_hash_ignores_docs_but_not_code():
+    def f(x):
+        """One docstring."""
+        return x + 1  # a comment
+
+    g_doc = f
+
+    def f(x):  # noqa: F811
+        """Another docstring."""
+
+        return x + 1
+
+    g_same = f
+
+    def f(x):  # noqa: F811
+        return x + 2
+
+    assert clf._code_text(g_doc) == clf._code_text(g_same) != clf._code_text(f)
+    h = clf.recipe_hash()
+    assert len(h) == 16 and h == clf.recipe_hash()
+
+
+def test_cache_is_keyed_by_the_training_code(trained14, monkeypatch):
+    _, cache = trained14
+    meta = json.loads(next(cache.glob("*.json")).read_text())
+    assert meta["recipe_hash"] == clf.recipe_hash()
+
+    def no_training(*a, **k):
+        raise AssertionError("trained")
+
+    monkeypatch.setattr(clf, "train_classifier", no_training)
+    load_or_train_classifier(14, cache_dir=cache, **QUICK)  # same code: from the cache
+    monkeypatch.setattr(clf, "recipe_hash", lambda: "0123456789abcdef")
+    with pytest.raises(AssertionError, match="trained"):  # other code: trains afresh
+        load_or_train_classifier(14, cache_dir=cache, **QUICK)
 
 
 def test_shift_augment_keeps_shape_and_range():

@@ -11,7 +11,10 @@ Everything runs on the namespace of the classifier's weights.
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -31,10 +34,21 @@ from ..optim import AdamW, warmup_cosine
 from . import data as xdata
 from .data import NUM_CLASSES
 
-__all__ = ["DigitClassifier", "cache_dir", "load_or_train_classifier", "train_classifier"]
+__all__ = [
+    "HELDOUT_FRACTION",
+    "DigitClassifier",
+    "cache_dir",
+    "heldout_digits",
+    "load_or_train_classifier",
+    "recipe_hash",
+    "train_classifier",
+]
 
 #: Bump when the architecture or the training recipe changes: old caches are then ignored.
+#: (A change of the code itself is caught by :func:`recipe_hash` as well.)
 RECIPE_VERSION = 1
+#: Share of each digit held out of the classifier's training (``prepare(..., seed=0)``).
+HELDOUT_FRACTION = 0.1
 #: How long training the classifier takes on first use, for the notice.
 _FIRST_USE = {14: "about 1 minute on 2 CPU cores", 28: "a few minutes on 2 CPU cores"}
 _EVAL_BATCH = 500
@@ -350,6 +364,49 @@ def cache_dir(path: str | os.PathLike | None = None) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "xpdiff"
 
 
+def _code_text(obj: Any) -> str:
+    """The source of a function or class, without docstrings, comments or formatting."""
+    tree = ast.parse(inspect.cleandoc("\n" + inspect.getsource(obj)))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | ast.Module)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.unparse(tree)
+
+
+@functools.cache
+def recipe_hash() -> str:
+    """A short hash of the code and settings that train the classifier.
+
+    Covers :class:`DigitClassifier`, :func:`train_classifier`, the shift augmentation, the
+    optimizer (``AdamW``), its schedule (``warmup_cosine``), the loss (``cross_entropy``),
+    the batching and downsampling of the data, and the constants :data:`CHANNELS`,
+    :data:`EPOCHS`, :data:`FEATURE_DIM` and :data:`RECIPE_VERSION`; docstrings, comments
+    and formatting do not count.  A cached classifier trained by other code is retrained.
+    (The layers' own code is not covered: their results are pinned by the test suite.)
+    """
+    parts = [_code_text(obj) for obj in _RECIPE_CODE]
+    parts.append(
+        repr((CHANNELS, DEFAULT_CHANNELS, FEATURE_DIM, EPOCHS, DEFAULT_EPOCHS, RECIPE_VERSION))
+    )
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def heldout_digits(size: int, data_path: str | os.PathLike | None = None) -> xdata.Prepared:
+    """The split :func:`load_or_train_classifier` trains on: ``x_test``/``y_test`` are the
+    real digits the classifier never saw, the ones to judge samples against.
+
+    ``xpdiff.digits.data.prepare(data_path, size, HELDOUT_FRACTION, seed=0)``.
+    """
+    return xdata.prepare(data_path, size, test_fraction=HELDOUT_FRACTION, seed=0)
+
+
 def _data_identity(data_path: Any, prep: xdata.Prepared) -> dict:
     source = "mnist_5k" if data_path is None else os.path.abspath(os.fspath(data_path))
     return {"source": source, "sha256": xdata.fingerprint(*prep)}
@@ -367,23 +424,25 @@ def load_or_train_classifier(
 ) -> DigitClassifier:
     """The digit classifier for ``size`` (28 or 14), from the cache or trained once.
 
-    Trains on the training split of ``xpdiff.digits.data.prepare(data_path, size, test_fraction=0.1,
-    seed=0)`` (so the held-out digits used to judge samples are never seen) and writes
-    ``digit_classifier_{size}_{tag}.safetensors`` plus a JSON record (held-out accuracy,
-    size, data source and hash, seed, recipe version) into the cache directory, atomically.
-    A cache entry whose record does not match is retrained and replaced.
+    Trains on the training split of :func:`heldout_digits` (so the held-out digits used to
+    judge samples are never seen) and writes ``digit_classifier_{size}_{tag}.safetensors``
+    plus a JSON record (held-out accuracy, size, data source and hash, seed, recipe version,
+    :func:`recipe_hash` of the training code) into the cache directory, atomically.  The tag
+    hashes the record, so a change of data, settings or training code trains a new
+    classifier; a cache entry whose record does not match is retrained and replaced.
 
     The returned classifier carries the JSON record as ``.info`` (``info["heldout_accuracy"]``).
     """
     if size not in (14, 28):
         raise ValueError(f"load_or_train_classifier: size must be 28 or 14, got {size}")
-    prep = xdata.prepare(data_path, size, test_fraction=0.1, seed=0)
+    prep = heldout_digits(size, data_path)
     ident = _data_identity(data_path, prep)
     record = {
         "kind": "DigitClassifier",
         "size": size,
         "seed": seed,
         "recipe_version": RECIPE_VERSION,
+        "recipe_hash": recipe_hash(),
         "data": ident,
         "train_kwargs": {k: train_kwargs[k] for k in sorted(train_kwargs)},
     }
@@ -441,3 +500,16 @@ def load_or_train_classifier(
 
 def _cache_root(path: Any) -> Path:
     return cache_dir(path)
+
+
+#: What :func:`recipe_hash` reads (the originals, even where a test replaces a module name).
+_RECIPE_CODE = (
+    DigitClassifier,
+    train_classifier,
+    _shift_augment,
+    AdamW,
+    warmup_cosine,
+    cross_entropy,
+    xdata.batches,
+    xdata.downsample,
+)
