@@ -40,6 +40,7 @@ def _train(args: argparse.Namespace) -> int:
         "backend": args.backend,
         "checkpoint_every": args.checkpoint_every,
         "guidance_scale": args.guidance,
+        "shards": args.shards,
     }
     for key, value in overrides.items():
         if value is not None:
@@ -47,36 +48,41 @@ def _train(args: argparse.Namespace) -> int:
     cfg.validate("xpdiff train")
     run = Path(args.out)
     trainer = Trainer(cfg, run, progress=not args.no_progress)
+    world = trainer.world  # under mpiexec, rank 0 speaks for every process
+    say = print if world.is_root else (lambda *a, **k: None)
     trainer.lock()  # a second trainer on the same --out stops here, naming the first
     try:
         if args.resume and trainer.resume():
             if trainer.step >= trainer.total_steps:
-                print(
+                say(
                     f"{run} is already complete: step {trainer.step} of {trainer.total_steps}; "
                     f"pass a larger --epochs or --steps to train further"
                 )
                 return 0
-            print(f"resumed from step {trainer.step} of {trainer.total_steps}")
+            say(f"resumed from step {trainer.step} of {trainer.total_steps}")
         elif args.resume:
-            print(f"warning: --resume: no checkpoint in {run}; starting a new run", file=sys.stderr)
+            say(f"warning: --resume: no checkpoint in {run}; starting a new run", file=sys.stderr)
         elif not args.resume and any(run.glob("checkpoint-*")):
-            print(
+            say(
                 f"error: {run} already holds checkpoints; pass --resume to continue, or "
                 f"choose another --out",
                 file=sys.stderr,
             )
             return 2
-        print(
+        procs = f", {world.size} processes" if world.size > 1 else ""
+        say(
             f"training a {trainer.model.num_parameters():,}-parameter UNet on "
             f"{trainer.y_train.shape[0]} digits at {cfg.size}x{cfg.size} for "
-            f"{trainer.total_steps} steps ({cfg.backend}, {cfg.dtype}); run directory {run}"
+            f"{trainer.total_steps} steps ({cfg.backend}, {cfg.dtype}{procs}); run directory {run}"
         )
         summary = trainer.train()
     except TrainingDiverged as err:
-        print(f"error: {err}", file=sys.stderr)
+        say(f"error: {err}", file=sys.stderr)
         return 1
     finally:
         trainer.unlock()
+    if not world.is_root:
+        return 0
     print(
         f"done: {summary['steps']} steps in {summary['seconds']:.0f} s, "
         f"last loss {summary['final_loss']:.4f}"
@@ -358,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--sample-steps",
         type=int,
         help="DDIM steps of the final sample grid " + _from_config("sample_steps"),
+    )
+    t.add_argument(
+        "--shards",
+        type=int,
+        help="parts of each batch with their own noise, >= 1 (default: the --config file's, "
+        "else one per process); --shards N in one process reproduces mpiexec -n N",
     )
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     t.add_argument("--no-samples", action="store_true", help="skip the final sample grid")
