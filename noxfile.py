@@ -20,9 +20,11 @@ SINGLE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_T
 
 @nox.session(name="tests-numpy")
 def tests_numpy(session: nox.Session) -> None:
-    """The whole suite on numpy, array_api_strict and torch namespaces, with the oracle tests."""
+    """The whole suite on numpy, array_api_strict and torch namespaces, with the oracle tests
+    and the data-parallel tests under ``mpiexec -n 2`` (the ``mpi`` extra brings mpi4py and
+    MPICH)."""
     session.install(*ORACLE)
-    session.install("-e", ".[test]")
+    session.install("-e", ".[test,mpi]")
     session.run(
         "pytest",
         *session.posargs,
