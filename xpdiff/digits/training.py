@@ -37,8 +37,9 @@ class TrainConfig(training.TrainingSettings):
     """Everything that determines a training run (saved as the run's config.json).
 
     The optimisation and bookkeeping fields (batch size, epochs, learning rate, clipping,
-    EMA, Min-SNR, label dropout, seed, checkpoint and log intervals) are those of
-    :class:`xpdiff.training.TrainingSettings`, with this recipe's defaults.
+    EMA, Min-SNR, label dropout, seed, checkpoint and log intervals, and the data-parallel
+    ``shards`` and ``accumulate``) are those of :class:`xpdiff.training.TrainingSettings`,
+    with this recipe's defaults.
     """
 
     # optimisation: the recipe's own default
