@@ -174,6 +174,7 @@ def test_cupy_buffers_reduce_through_nccl():
         pytest.skip('mpi4py is not installed (pip install "xpdiff[mpi]")')
     xp = backend.namespace_for("cupy")
     w = distributed.MPIWorld()  # a world of one process: NCCL with one rank
+    w.use_local_device()
     buf = xp.arange(7, dtype=xp.float32)
     assert w.allreduce_sum(buf) is buf
     assert w.broadcast(buf) is buf

@@ -17,7 +17,8 @@ collective is a no-op, and mpi4py is never imported.  Both offer the same interf
 
 Device buffers (CuPy): with ``cupy.cuda.nccl`` available, :class:`MPIWorld` sums and
 broadcasts them through an NCCL communicator whose unique id rank 0 sends over MPI (each
-rank on GPU ``local_rank % device_count``); without NCCL they go through host memory.  A
+rank on GPU ``local_rank % device_count``: :meth:`World.use_local_device`, called before the
+model is built); without NCCL they go through host memory.  A
 CUDA-aware MPI could take device pointers directly; mpi4py cannot tell whether the MPI
 underneath is one, so host staging is the safe default.  NCCL comes in through
 ``importlib`` in :func:`_nccl` (the array libraries themselves stay behind
@@ -94,6 +95,10 @@ class World:
 
     def barrier(self) -> None:
         """Wait until every process has arrived here."""
+
+    def use_local_device(self) -> None:
+        """With CuPy, make GPU ``local_rank % device_count`` this process's current device;
+        call it before building the model.  A no-op for one process."""
 
     def allreduce_sum(self, buffer: Any) -> Any:
         """Sum a contiguous 1-D buffer (float32 or float64, host or CuPy) over all processes,
@@ -188,6 +193,10 @@ class MPIWorld(World):
     def barrier(self) -> None:
         self.comm.Barrier()
 
+    def use_local_device(self) -> None:
+        cuda = importlib.import_module("cupy.cuda")
+        cuda.Device(self.local_rank % cuda.runtime.getDeviceCount()).use()
+
     def allreduce_sum(self, buffer: Any) -> Any:
         _check_buffer("allreduce_sum", buffer)
         if not backend.on_host(buffer) and _nccl() is not None:
@@ -234,12 +243,10 @@ class MPIWorld(World):
         return buffer if host is buffer else _copy_into(buffer, host)
 
     def _nccl(self) -> Any:
-        """This world's NCCL communicator, made on first use: rank 0 draws the unique id and
-        sends it over MPI; each rank uses GPU ``local_rank % device_count``."""
+        """This world's NCCL communicator, made on first use on the current device (see
+        :meth:`use_local_device`): rank 0 draws the unique id and sends it over MPI."""
         if self._nccl_comm is None:
             nccl = _nccl()
-            cuda = importlib.import_module("cupy.cuda")
-            cuda.Device(self.local_rank % cuda.runtime.getDeviceCount()).use()
             uid = nccl.get_unique_id() if self.is_root else None
             uid = self.broadcast_object(uid)
             self._nccl_comm = nccl.NcclCommunicator(self.size, uid, self.rank)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import _validation, backend, io, training
+from .. import _validation, backend, distributed, io, training
 from ..models.unet_2d import UNet2DModel
 from ..nn import init
 from ..pipelines import export_pipeline
@@ -233,6 +233,8 @@ class Trainer(training.Trainer):
             )
         self.x_test, self.y_test = prepared.x_test, prepared.y_test
         init.manual_seed(config.seed)
+        if config.backend == "cupy":
+            distributed.world().use_local_device()  # one GPU per process under mpiexec
         xp = backend.namespace_for(config.backend)
         super().__init__(
             UNet2DModel(**config.unet_kwargs(), dtype=config.dtype, xp=xp),
