@@ -171,8 +171,8 @@ def _sample(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from ..pipelines import generate
     from . import data
-    from .classifier import load_or_train_classifier
-    from .evaluation import evaluate_samples
+    from .classifier import HELDOUT_FRACTION, heldout_digits, load_or_train_classifier
+    from .evaluation import evaluate_samples, save_samples
     from .training import load_for_sampling
 
     model, cfg = load_for_sampling(args.checkpoint, args.backend)
@@ -193,7 +193,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         progress=True,
     )
     took = time.perf_counter() - t0
-    held = data.prepare(cfg.data, cfg.size, cfg.test_fraction, seed=0)
+    if cfg.test_fraction != HELDOUT_FRACTION:
+        print(
+            f"warning: the run held out test_fraction={cfg.test_fraction} of the digits, the "
+            f"judge {HELDOUT_FRACTION}: some real digits judged against may be training digits "
+            f"of the run",
+            file=sys.stderr,
+        )
+    held = heldout_digits(cfg.size, cfg.data)
     report = evaluate_samples(clf, res.images, labels, held.x_test, held.y_test)
     print(
         f"{len(labels)} samples, {args.scheduler.upper()} {steps} steps, guidance {guidance}, "
@@ -204,6 +211,21 @@ def _evaluate(args: argparse.Namespace) -> int:
         from .. import io
 
         io.save_json(report.to_json(), args.json)
+    if args.save_samples:
+        settings = {
+            "checkpoint": os.path.abspath(args.checkpoint),
+            "image_size": cfg.size,
+            "per_digit": args.per_digit,
+            "scheduler": args.scheduler,
+            "steps": steps,
+            "guidance": guidance,
+            "seed": args.seed,
+            "backend": args.backend,
+            "data": cfg.data,
+            "xpdiff_version": __version__,
+        }
+        save_samples(args.save_samples, res.images, labels, settings)
+        print(f"wrote {args.save_samples}: the {len(labels)} judged samples, labels and settings")
     return 0
 
 
@@ -407,13 +429,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser(
         "evaluate",
-        help="classify generated digits; accuracy and Frechet distance",
+        help="judge generated digits: accuracy, confident accuracy, background and Frechet "
+        "distance against real held-out digits",
         formatter_class=fmt,
         parents=[common, sampling],
     )
     e.add_argument("checkpoint", help="run directory or checkpoint directory")
     e.add_argument("--per-digit", type=int, default=100, help="images of each digit")
     e.add_argument("--json", help="also write the report to this JSON file (default: none)")
+    e.add_argument(
+        "--save-samples",
+        metavar="FILE.npz",
+        help="also write the judged samples (float32 in [-1, 1]), their requested digits and "
+        "the sampling settings to this .npz file, for benchmarks/judge.py (default: none)",
+    )
     e.set_defaults(func=_evaluate)
 
     x = sub.add_parser(

@@ -442,10 +442,10 @@ def _halves(m: int, labels: Any, gen: backend.Generator) -> tuple[Any, Any]:
     b: list[int] = []
     for d in range(NUM_CLASSES):  # alternate within each class, in random order
         members = [int(i) for i in perm if int(labels[int(i)]) == d]
-        a.extend(members[0::2])
-        b.extend(members[1::2])
-    k = min(len(a), len(b))
-    return hx.asarray(a[:k], dtype=hx.int64), hx.asarray(b[:k], dtype=hx.int64)
+        pairs = 2 * (len(members) // 2)  # an odd one out joins neither half
+        a.extend(members[0:pairs:2])
+        b.extend(members[1:pairs:2])
+    return hx.asarray(a, dtype=hx.int64), hx.asarray(b, dtype=hx.int64)
 
 
 def _frechet_vs_heldout(
