@@ -27,7 +27,7 @@ from xpdiff import backend, distributed, io
 from xpdiff.models import UNet2DModel
 from xpdiff.nn import init
 from xpdiff.schedulers import DDPMScheduler
-from xpdiff.training import Trainer, TrainingSettings, latest_checkpoint
+from xpdiff.training import Trainer, TrainingDiverged, TrainingSettings, latest_checkpoint
 
 # 20 images in batches of 16: every epoch ends with a batch of 4, split 2 + 2
 SETTINGS = dict(batch_size=16, max_steps=10, checkpoint_every=10, log_every=1, warmup_steps=2)
@@ -337,6 +337,14 @@ def test_mpiexec_xpdiff_train_takes_the_same_flags(tmp_path):
     assert_same_weights(saved(tmp_path / "mpi"), saved(tmp_path / "one"))
 
 
+def test_a_nan_on_one_rank_stops_both_cleanly(tmp_path):
+    run = tmp_path / "nan"
+    _worker("nan", run)  # exit status 0: both ranks caught TrainingDiverged and returned
+    errors = [(run / f"rank{r}.err").read_text() for r in (0, 1)]
+    assert all("loss became nan at step 3" in e and "checkpoint-0000002" in e for e in errors)
+    assert latest_checkpoint(run).name == "checkpoint-0000002"
+
+
 # ---------------------------------------------------------------------------
 # the worker every rank runs
 # ---------------------------------------------------------------------------
@@ -355,6 +363,21 @@ def _worker_main(mode: str, run: Path) -> None:
         run.mkdir(parents=True, exist_ok=True)
         (run / f"pid{world.rank}").write_text(str(os.getpid()))
         make_trainer(run, **LONG).train()
+    elif mode == "nan":  # rank 1 alone gets a NaN weight before step 3
+        t = make_trainer(run, **{**LONG, "max_steps": 6})
+        real_step = t.train_step
+
+        def poisoned(xb, yb):
+            if t.step == 3 and world.rank == 1:
+                w = t.model.conv_out.weight
+                w.data = w.data * float("nan")
+            return real_step(xb, yb)
+
+        t.train_step = poisoned
+        try:
+            t.train()
+        except TrainingDiverged as err:
+            (run / f"rank{world.rank}.err").write_text(str(err))
     elif mode == "resume":
         t = make_trainer(run, **{**LONG, "checkpoint_every": 100})
         assert t.resume()
