@@ -4,7 +4,9 @@
   backward like everything else), trained by :func:`train_classifier`.
 * :func:`load_or_train_classifier`: the classifier for one image size, trained once on the
   TRAINING split of :func:`xpdiff.digits.data.prepare` and cached (safetensors + JSON) under
-  ``$XPDIFF_CACHE`` (default ``~/.cache/xpdiff``).
+  ``$XPDIFF_CACHE`` (default ``~/.cache/xpdiff``), keyed by the data, the settings and
+  :func:`recipe_hash` of the training code.
+* :func:`heldout_digits`: that split; its held-out part is what samples are judged against.
 
 Everything runs on the namespace of the classifier's weights.
 """
