@@ -128,6 +128,21 @@ def cupy_status() -> tuple[bool, str]:
     return True, "cupy with a CUDA device"
 
 
+def cupy_cuda(submodule: str = "") -> Any:
+    """``cupy.cuda`` or one of its submodules (``"nccl"``), or None where it does not import.
+
+    For the device collectives of :mod:`xpdiff.distributed` (NCCL, the current device and
+    stream): the array library stays behind this module.
+    """
+    import importlib
+
+    name = "cupy.cuda" + (f".{submodule}" if submodule else "")
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
 def set_backend(name: str) -> None:
     """Choose the default backend for arrays xpdiff creates: ``"numpy"`` or ``"cupy"``."""
     global _backend

@@ -20,9 +20,8 @@ broadcasts them through an NCCL communicator whose unique id rank 0 sends over M
 rank on GPU ``local_rank % device_count``: :meth:`World.use_local_device`, called before the
 model is built); without NCCL they go through host memory.  A
 CUDA-aware MPI could take device pointers directly; mpi4py cannot tell whether the MPI
-underneath is one, so host staging is the safe default.  NCCL comes in through
-``importlib`` in :func:`_nccl` (the array libraries themselves stay behind
-:mod:`xpdiff.backend`).
+underneath is one, so host staging is the safe default.  ``cupy.cuda`` and its NCCL binding
+come from :func:`xpdiff.backend.cupy_cuda` (the array library stays behind that module).
 
 How the launch is recognised: ``mpiexec`` of MPICH (and Intel MPI, MVAPICH) sets
 ``PMI_SIZE``, Open MPI's sets ``OMPI_COMM_WORLD_SIZE``, MVAPICH2's ``MV2_COMM_WORLD_SIZE``.
@@ -194,7 +193,9 @@ class MPIWorld(World):
         self.comm.Barrier()
 
     def use_local_device(self) -> None:
-        cuda = importlib.import_module("cupy.cuda")
+        cuda = backend.cupy_cuda()
+        if cuda is None:
+            raise ImportError("distributed.use_local_device: CuPy (cupy.cuda) does not import")
         cuda.Device(self.local_rank % cuda.runtime.getDeviceCount()).use()
 
     def allreduce_sum(self, buffer: Any) -> Any:
@@ -284,18 +285,11 @@ _NCCL: Any = None
 
 
 def _nccl() -> Any:
-    """``cupy.cuda.nccl`` when CuPy was built with NCCL, else None.
-
-    Imported through importlib: it is CuPy's binding of a communication library, not an
-    array namespace, and only this module uses it.
-    """
+    """``cupy.cuda.nccl`` when CuPy was built with NCCL, else None."""
     global _NCCL
     if _NCCL is None:
-        try:
-            nccl = importlib.import_module("cupy.cuda.nccl")
-            _NCCL = nccl if getattr(nccl, "available", True) else False
-        except ImportError:
-            _NCCL = False
+        nccl = backend.cupy_cuda("nccl")
+        _NCCL = nccl if nccl is not None and getattr(nccl, "available", True) else False
     return _NCCL or None
 
 
@@ -306,7 +300,7 @@ def _nccl_dtype(nccl: Any, buffer: Any) -> int:
 
 
 def _current_stream_ptr(buffer: Any) -> int:
-    return importlib.import_module("cupy.cuda").get_current_stream().ptr
+    return backend.cupy_cuda().get_current_stream().ptr
 
 
 _WORLD: World | None = None
