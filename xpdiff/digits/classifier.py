@@ -14,7 +14,6 @@ Everything runs on the namespace of the classifier's weights.
 from __future__ import annotations
 
 import ast
-import functools
 import hashlib
 import inspect
 import json
@@ -382,7 +381,6 @@ def _code_text(obj: Any) -> str:
     return ast.unparse(tree)
 
 
-@functools.cache
 def recipe_hash() -> str:
     """A short hash of the code and settings that train the classifier.
 
@@ -392,7 +390,12 @@ def recipe_hash() -> str:
     :data:`EPOCHS`, :data:`FEATURE_DIM` and :data:`RECIPE_VERSION`; docstrings, comments
     and formatting do not count.  A cached classifier trained by other code is retrained.
     (The layers' own code is not covered: their results are pinned by the test suite.)
+    Computed once, when this module is imported, from the source files as they were then.
     """
+    return _RECIPE_HASH
+
+
+def _recipe_hash() -> str:
     parts = [_code_text(obj) for obj in _RECIPE_CODE]
     parts.append(
         repr((CHANNELS, DEFAULT_CHANNELS, FEATURE_DIM, EPOCHS, DEFAULT_EPOCHS, RECIPE_VERSION))
@@ -515,3 +518,4 @@ _RECIPE_CODE = (
     xdata.batches,
     xdata.downsample,
 )
+_RECIPE_HASH = _recipe_hash()
