@@ -15,7 +15,7 @@ def main() -> None:
     p.add_argument("run")
     p.add_argument("--out", default="digits.png")
     p.add_argument("--backend", default="numpy", choices=("numpy", "cupy"))
-    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--guidance", type=float, help="default: the run's guidance_scale")
     args = p.parse_args()
 
     model, config = load_for_sampling(args.run, args.backend)  # EMA weights
@@ -28,8 +28,9 @@ def main() -> None:
         scheduler,
         labels,
         num_inference_steps=50,
-        guidance_scale=args.guidance,
+        guidance_scale=config.guidance_scale if args.guidance is None else args.guidance,
         null_class=config.null_class,
+        eta=config.eta,  # the run's DDIM noise weight (1: fresh noise every step)
         seed=0,
     )
     save_grid(result.images, args.out, nrow=8)

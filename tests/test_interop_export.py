@@ -49,8 +49,10 @@ def test_export_loads_in_diffusers_and_samples_as_xpdiff(run, tmp_path, capsys):
     readme = (out / "README.md").read_text()
     assert f"class {cfg.null_class} is the null" in readme
     assert f"guidance = {cfg.guidance_scale}" in readme and "DiffusionPipeline" in readme
+    assert f"eta={cfg.eta}, generator=gen" in readme  # the run's DDIM noise weight
 
-    # the README's guided DDIM loop in diffusers against the same loop in xpdiff
+    # the README's guided DDIM loop in diffusers against the same loop in xpdiff, at eta 0
+    # (with eta > 0 the two libraries draw different noise)
     labels = np.array([0, 7], dtype=np.int64)
     null = np.full_like(labels, cfg.null_class)
     x0 = np.random.default_rng(0).standard_normal((2, 1, 14, 14)).astype(np.float32)

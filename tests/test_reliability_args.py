@@ -420,6 +420,7 @@ CONFIG_ARGS = {
     "log_every": ("int", 1, None, {}),
     "sample_steps": ("int", 1, 1000, {}),
     "guidance_scale": ("float", 0.0, None, {}),
+    "eta": ("float", 0.0, None, {}),
     "clip_sample": ("bool", None, None, {}),
 }
 

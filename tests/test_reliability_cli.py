@@ -129,6 +129,8 @@ BAD = [
     ("sample {run} --guidance nan", r"--guidance to be a finite number >= 0.0, got nan"),
     ("sample {run} --guidance=-inf", r"--guidance to be a finite number >= 0.0, got -inf"),
     ("sample {run} --seed -1", r"--seed to be an integer >= 0, got -1"),
+    ("sample {run} --eta -0.5", r"--eta to be a finite number >= 0.0, got -0.5"),
+    ("evaluate {run} --eta nan", r"--eta to be a finite number >= 0.0, got nan"),
     ("sample {run} --scheduler euler", r"argument --scheduler: invalid choice: 'euler'"),
     # evaluate
     ("evaluate {run} --per-digit 0", r"--per-digit to be an integer >= 1"),

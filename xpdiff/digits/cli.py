@@ -108,6 +108,7 @@ def _write_samples(
     per_digit: int,
     backend_name: str,
     progress: bool = True,
+    eta: float | None = None,
 ) -> None:
     from ..pipelines import generate
     from .data import NUM_CLASSES
@@ -116,6 +117,7 @@ def _write_samples(
 
     model, cfg = load_for_sampling(ckpt, backend_name)
     guidance = cfg.guidance_scale if guidance is None else guidance
+    eta = cfg.eta if eta is None else eta
     sched = cfg.sampling_scheduler(scheduler_name)
     labels = [d for d in range(NUM_CLASSES) for _ in range(per_digit)]
     t0 = time.perf_counter()
@@ -127,11 +129,12 @@ def _write_samples(
         guidance_scale=guidance,
         null_class=cfg.null_class,
         seed=seed,
+        eta=eta,
         return_trajectory=gif is not None,
         progress=progress,
     )
     print(
-        f"sampled {len(labels)} digits with {scheduler_name.upper()} {steps} steps, "
+        f"sampled {len(labels)} digits with {_sampler_text(scheduler_name, steps, eta)}, "
         f"guidance {guidance} in {time.perf_counter() - t0:.1f} s"
     )
     rows = [str(d) for d in range(NUM_CLASSES)]
@@ -140,7 +143,7 @@ def _write_samples(
         # about 25 frames: the first (pure noise), every stride-th step and the last
         last = len(res.trajectory) - 1
         keep = sorted({*range(0, last, max(1, last // 24)), last})
-        title = f"{scheduler_name.upper()} {steps} steps, guidance {guidance}"
+        title = f"{_sampler_text(scheduler_name, steps, eta)}, guidance {guidance}"
         save_gif(
             [res.trajectory[k] for k in keep],
             gif,
@@ -149,6 +152,12 @@ def _write_samples(
             titles=[f"{title}: step {k}/{last}" for k in keep],
         )
         print(f"wrote {gif}")
+
+
+def _sampler_text(scheduler_name: str, steps: int, eta: float) -> str:
+    """How messages name a sampler, e.g. "DDIM 50 steps (eta 1.0)"."""
+    text = f"{scheduler_name.upper()} {steps} steps"
+    return f"{text} (eta {eta})" if scheduler_name == "ddim" else text
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -163,6 +172,7 @@ def _sample(args: argparse.Namespace) -> int:
         args.seed,
         args.per_digit,
         args.backend,
+        eta=args.eta,
     )
     print(f"wrote {args.out}")
     return 0
@@ -177,6 +187,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     model, cfg = load_for_sampling(args.checkpoint, args.backend)
     guidance = cfg.guidance_scale if args.guidance is None else args.guidance
+    eta = cfg.eta if args.eta is None else args.eta
     clf = load_or_train_classifier(cfg.size, data_path=cfg.data)
     sched = cfg.sampling_scheduler(args.scheduler)
     steps = args.steps if args.steps is not None else _DEFAULT_STEPS[args.scheduler]
@@ -190,6 +201,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         guidance_scale=guidance,
         null_class=cfg.null_class,
         seed=args.seed,
+        eta=eta,
         progress=True,
     )
     took = time.perf_counter() - t0
@@ -203,7 +215,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     held = heldout_digits(cfg.size, cfg.data)
     report = evaluate_samples(clf, res.images, labels, held.x_test, held.y_test)
     print(
-        f"{len(labels)} samples, {args.scheduler.upper()} {steps} steps, guidance {guidance}, "
+        f"{len(labels)} samples, {_sampler_text(args.scheduler, steps, eta)}, guidance {guidance}, "
         f"seed {args.seed} ({took:.1f} s)"
     )
     print(report.format())
@@ -219,6 +231,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             "scheduler": args.scheduler,
             "steps": steps,
             "guidance": guidance,
+            "eta": eta,
             "seed": args.seed,
             "backend": args.backend,
             "data": cfg.data,
@@ -304,6 +317,7 @@ _RANGES = {
     "seed": ("int", 0, None),
     "checkpoint_every": ("int", 1, None),
     "guidance": ("float", 0.0, None),
+    "eta": ("float", 0.0, None),
     "sample_steps": ("int", 1, None),
     "per_digit": ("int", 1, None),
     "digit": ("int", 0, 9),
@@ -411,6 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sampling.add_argument(
         "--guidance", type=float, help="guidance scale, >= 0 (default: the run's guidance_scale)"
+    )
+    sampling.add_argument(
+        "--eta",
+        type=float,
+        help="DDIM noise weight, >= 0: 0 deterministic, 1 DDPM-like (default: the run's eta)",
     )
     sampling.add_argument("--seed", type=int, default=0, help="seed of the noise, >= 0")
     sampling.add_argument("--backend", choices=backends, default="numpy", help="array library")

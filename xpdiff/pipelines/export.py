@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from .. import io
+from .._validation import check_float
 from ..models.unet_2d import UNet2DModel
 from ..schedulers import DDIMScheduler
 
@@ -25,13 +26,15 @@ def export_pipeline(
     null_class: int | None = None,
     guidance_scale: float = 1.0,
     num_inference_steps: int = 50,
+    eta: float = 0.0,
 ) -> Path:
     """Write ``model`` and ``scheduler`` as a diffusers pipeline folder.
 
     Layout: ``model_index.json`` (``DDIMPipeline``: ``unet`` + ``scheduler``),
     ``unet/`` (``model.save_pretrained``, which warns for sizes diffusers cannot run),
     ``scheduler/`` (``scheduler_config.json``) and ``README.md`` with the class count,
-    the null class, the guidance scale and a sampling snippet for diffusers.
+    the null class, the guidance scale and a sampling snippet for diffusers that steps with
+    ``eta`` (DDIM's noise weight, Song et al. 2021 eq. 16: 0 deterministic, 1 DDPM-like).
 
     Returns:
         The folder.
@@ -57,7 +60,8 @@ def export_pipeline(
         },
         out / "model_index.json",
     )
-    text = _readme(model, scheduler, null_class, guidance_scale, num_inference_steps)
+    eta = check_float("export_pipeline", "eta", eta, min=0.0)
+    text = _readme(model, scheduler, null_class, guidance_scale, num_inference_steps, eta)
     io.atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(text))
     return out
 
@@ -68,6 +72,7 @@ def _readme(
     null_class: int | None,
     guidance: float,
     steps: int,
+    eta: float,
 ) -> str:
     cfg = model.config
     classes = cfg.num_class_embeds
@@ -80,7 +85,8 @@ def _readme(
         f"- `unet/`: UNet2DModel (EMA weights), {cfg.in_channels}x{h}x{w} samples in [-1, 1], "
         f"predicting `{scheduler.config.prediction_type}`.",
         f"- `scheduler/`: DDIMScheduler, the sampler of the run (clip_sample="
-        f"{scheduler.config.clip_sample}, {scheduler.config.timestep_spacing} spacing).",
+        f"{scheduler.config.clip_sample}, {scheduler.config.timestep_spacing} spacing); "
+        f"the run samples with eta={eta}.",
     ]
     if conditional:
         lines += [
@@ -99,29 +105,29 @@ def _readme(
         'pipe = DiffusionPipeline.from_pretrained("path/to/this/folder")',
         "unet, scheduler = pipe.unet, pipe.scheduler",
         f"scheduler.set_timesteps({steps})",
+        "gen = torch.Generator().manual_seed(0)",
     ]
     if conditional:
         lines += [
             f"labels = torch.arange({min(classes - 1, 10)})  # the classes to draw",
             f"null = torch.full_like(labels, {null_class})",
             f"guidance = {guidance}",
-            f"x = torch.randn(len(labels), {cfg.in_channels}, {h}, {w}, "
-            f"generator=torch.Generator().manual_seed(0))",
+            f"x = torch.randn(len(labels), {cfg.in_channels}, {h}, {w}, generator=gen)",
             "with torch.no_grad():",
             "    for t in scheduler.timesteps:",
             "        both = unet(torch.cat([x, x]), t,",
             "                    class_labels=torch.cat([labels, null])).sample",
             "        cond, uncond = both.chunk(2)",
             "        eps = uncond + guidance * (cond - uncond)",
-            "        x = scheduler.step(eps, t, x).prev_sample",
+            f"        x = scheduler.step(eps, t, x, eta={eta}, generator=gen).prev_sample",
         ]
     else:
         lines += [
-            f"x = torch.randn(4, {cfg.in_channels}, {h}, {w}, "
-            f"generator=torch.Generator().manual_seed(0))",
+            f"x = torch.randn(4, {cfg.in_channels}, {h}, {w}, generator=gen)",
             "with torch.no_grad():",
             "    for t in scheduler.timesteps:",
-            "        x = scheduler.step(unet(x, t).sample, t, x).prev_sample",
+            f"        x = scheduler.step(unet(x, t).sample, t, x, eta={eta}, "
+            f"generator=gen).prev_sample",
         ]
     lines += ["images = (x.clamp(-1, 1) + 1) / 2  # in [0, 1]", "```", ""]
     return "\n".join(lines)
