@@ -73,6 +73,55 @@ def test_guidance_combines_conditional_and_null_predictions(monkeypatch):
     np.testing.assert_allclose(eps, null + 3.0 * (cond - null), rtol=1e-10, atol=1e-12)
 
 
+def test_guidance_interval_guides_only_inside_it(monkeypatch):
+    """Inside [t_low, t_high] the step sees the guided prediction, outside the conditional
+    one alone; an interval covering every timestep is plain guidance."""
+    xp = backend.namespace_for("numpy")
+    m = model_on(xp, "float64")
+    sched = DDIMScheduler()
+    sched.set_timesteps(4)
+    ts = [int(t) for t in sched.timesteps]  # 750, 500, 250, 0
+    seen = []
+    real_step = sched.step
+
+    def spy(eps, t, x, **kw):
+        seen.append((eps, x, int(t)))
+        return real_step(eps, t, x, **kw)
+
+    monkeypatch.setattr(sched, "step", spy)
+    kw = dict(num_inference_steps=4, guidance_scale=3.0, null_class=3, seed=0)
+    generate(m, sched, [1, 2], guidance_interval=(ts[2], ts[1]), **kw)
+    for eps, x, t in seen:
+        cond = m(x, t, np.array([1, 2]))
+        want = cond
+        if ts[2] <= t <= ts[1]:
+            null = m(x, t, np.array([3, 3]))
+            want = null + 3.0 * (cond - null)
+        np.testing.assert_allclose(eps, want, rtol=1e-10, atol=1e-12, err_msg=f"t={t}")
+    monkeypatch.undo()
+    full = generate(m, DDIMScheduler(), [1, 2], **kw).images
+    covering = generate(m, DDIMScheduler(), [1, 2], guidance_interval=(0, 999), **kw).images
+    np.testing.assert_array_equal(full, covering)
+
+
+@pytest.mark.parametrize(
+    "interval,message",
+    [
+        ((5, 2), r"guidance_interval\[1\] to be an integer >= 5, got 2"),
+        ((-1, 2), r"guidance_interval\[0\] to be an integer >= 0, got -1"),
+        ((1.5, 2), r"guidance_interval\[0\] to be an integer"),
+        (7, r"guidance_interval to be a pair \(t_low, t_high\) or None, got 7"),
+        ((1, 2, 3), r"a pair \(t_low, t_high\) or None, got \(1, 2, 3\)"),
+    ],
+)
+def test_guidance_interval_errors(interval, message):
+    m = model_on(backend.namespace_for("numpy"))
+    with pytest.raises(ValueError, match=message):
+        generate(
+            m, DDIMScheduler(), [1], guidance_scale=2.0, null_class=3, guidance_interval=interval
+        )
+
+
 def test_batches_larger_than_max_batch_give_the_same_images():
     xp = backend.namespace_for("numpy")
     m = model_on(xp, "float64")

@@ -35,6 +35,7 @@ def generate(
     num_inference_steps: int = 50,
     guidance_scale: float = 1.0,
     null_class: int | None = None,
+    guidance_interval: tuple[int, int] | None = None,
     eta: float = 0.0,
     seed: int | None = 0,
     size: int | tuple[int, int] | None = None,
@@ -53,6 +54,12 @@ def generate(
         guidance_scale: classifier-free guidance weight w: the prediction is
             ``eps_null + w * (eps_label - eps_null)``; 1 disables guidance.
         null_class: the class index trained as "no label" (needed when w != 1).
+        guidance_interval: ``(t_low, t_high)``: guide only at timesteps t with
+            ``t_low <= t <= t_high`` and take the conditional prediction alone elsewhere
+            (Kynkaanniemi et al., 2024, "Applying guidance in a limited interval"): guidance
+            at the noisiest steps narrows the variety of the samples, and near t = 0 it only
+            sharpens what is already decided.  None: guide at every step.  Steps outside
+            the interval cost half as much.
         eta: DDIM noise weight (ignored by DDPM).
         seed: seed of the initial noise and of the per-step noise.
         size: output (H, W); defaults to the model's ``sample_size``.
@@ -87,6 +94,7 @@ def generate(
         )
     labels, B = _labels_and_batch(model, class_labels, batch_size)
     _check_guidance(model, labels, guidance_scale, null_class)
+    interval = _check_interval(guidance_interval)
     if not isinstance(scheduler, (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler)):
         raise ValueError(
             f"generate: expected a DDPMScheduler or DDIMScheduler (or a "
@@ -102,7 +110,7 @@ def generate(
     scheduler.set_timesteps(num_inference_steps)
     timesteps = [int(t) for t in scheduler.timesteps]
     # 2. the (guided) noise prediction, 3. the reverse process
-    predict = _predictor(model, labels, guidance_scale, null_class, max_batch)
+    predict = _predictor(model, labels, guidance_scale, null_class, max_batch, interval)
     trajectory = [backend.to_numpy(x)] if return_trajectory else []
     step_kw = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
     with no_grad():
@@ -153,6 +161,21 @@ def _check_guidance(
         raise ValueError(f"generate: null_class must be in [0, {n_classes}), got {null_class}")
 
 
+def _check_interval(interval: Any) -> tuple[int, int] | None:
+    """``guidance_interval`` as a pair of ints ``t_low <= t_high`` (or None)."""
+    if interval is None:
+        return None
+    where = "generate"
+    if not isinstance(interval, (tuple, list)) or len(interval) != 2:
+        raise ArgumentTypeError(
+            f"{where}: expected guidance_interval to be a pair (t_low, t_high) or None, "
+            f"got {interval!r}"
+        )
+    lo = check_int(where, "guidance_interval[0]", interval[0], min=0)
+    hi = check_int(where, "guidance_interval[1]", interval[1], min=lo)
+    return lo, hi
+
+
 def _image_size(model: UNet2DModel, size: int | tuple[int, ...] | None) -> tuple[int, int]:
     if size is None:
         size = model.config["sample_size"]
@@ -167,6 +190,7 @@ def _predictor(
     guidance_scale: float,
     null_class: int | None,
     max_batch: int,
+    interval: tuple[int, int] | None = None,
 ) -> Callable[[Any, int], Any]:
     """``predict(x_t, t)``: the model's noise prediction in chunks of ``max_batch`` images;
     with guidance w != 1, ``eps_null + w * (eps_label - eps_null)``, both halves from one
@@ -176,9 +200,10 @@ def _predictor(
     if labels is not None:
         lab = backend.asarray(labels, xp, dtype=xp.int64, device=dev)
         null = xp.full((len(labels),), null_class or 0, dtype=xp.int64, device=dev)
-    guided = guidance_scale != 1.0
+    lo, hi = interval if interval is not None else (-1, float("inf"))
 
     def predict(xt: Any, t: int) -> Any:
+        guided = guidance_scale != 1.0 and lo <= t <= hi
         B = xt.shape[0]
         outs = []
         for s in range(0, B, max_batch):
