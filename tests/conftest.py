@@ -89,6 +89,19 @@ def max_abs_diff(a, b) -> float:
     return float(np.max(np.abs(host(a).astype(np.float64) - host(b).astype(np.float64))))
 
 
+# A UNet2DModel config for RGB 8x8 training tests (the core Trainer, data parallel).
+TINY_RGB_UNET = dict(
+    sample_size=8,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=[8, 16],
+    down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+    up_block_types=["AttnUpBlock2D", "UpBlock2D"],
+    layers_per_block=1,
+    norm_num_groups=4,
+    attention_head_dim=8,
+)
+
 # A UNet2DModel config small enough for sampling tests.
 TINY_UNET = dict(
     sample_size=6,

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_RGB_UNET
 
 from xpdiff import backend, distributed, io
 from xpdiff.models import UNet2DModel
@@ -47,15 +48,7 @@ def make_trainer(run: Path, dtype: str = "float32", labelled: bool = False, **kw
     world = kw.pop("world", None)
     with init.seeded(0):
         model = UNet2DModel(
-            sample_size=8,
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=[8, 16],
-            down_block_types=["DownBlock2D", "AttnDownBlock2D"],
-            up_block_types=["AttnUpBlock2D", "UpBlock2D"],
-            layers_per_block=1,
-            norm_num_groups=4,
-            attention_head_dim=8,
+            **TINY_RGB_UNET,
             num_class_embeds=4 if labelled else None,
             dtype=dtype,
             xp=backend.namespace_for("numpy"),  # these runs compare host arrays

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_RGB_UNET
 
 from xpdiff import io
 from xpdiff.models import UNet2DModel
@@ -30,18 +31,7 @@ def rgb_images(n: int = 20, seed: int = 0) -> np.ndarray:
 
 def tiny_unet(num_class_embeds: int | None = None) -> UNet2DModel:
     with init.seeded(0):
-        return UNet2DModel(
-            sample_size=8,
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=[8, 16],
-            down_block_types=["DownBlock2D", "AttnDownBlock2D"],
-            up_block_types=["AttnUpBlock2D", "UpBlock2D"],
-            layers_per_block=1,
-            norm_num_groups=4,
-            attention_head_dim=8,
-            num_class_embeds=num_class_embeds,
-        )
+        return UNet2DModel(**TINY_RGB_UNET, num_class_embeds=num_class_embeds)
 
 
 def trainer(run: Path, labels=None, **kw) -> Trainer:
