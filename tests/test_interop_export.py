@@ -78,3 +78,33 @@ def test_export_loads_in_diffusers_and_samples_as_xpdiff(run, tmp_path, capsys):
 def test_export_of_a_missing_run_is_one_error_line(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_export_readme_guides_in_the_run_interval_with_its_eta(tmp_path):
+    """The README's snippet carries the run's eta and guidance interval, and is valid Python."""
+    from xpdiff.pipelines import export_pipeline
+
+    model, cfg = load_for_sampling_tiny(tmp_path)
+    out = export_pipeline(
+        model,
+        cfg.sampling_scheduler("ddim"),
+        tmp_path / "pipe",
+        null_class=cfg.null_class,
+        guidance_scale=2.0,
+        eta=1.0,
+        guidance_interval=(0, 600),
+    )
+    readme = (out / "README.md").read_text()
+    assert "Guidance scale of the run: 2.0, at timesteps 0 to 600 only." in readme
+    assert "        if not 0 <= t <= 600:\n            eps = cond\n" in readme
+    assert "eta=1.0, generator=gen" in readme
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    compile(code, "README.md", "exec")
+    with pytest.raises(ValueError, match=r"guidance_interval to be a list of integers"):
+        export_pipeline(model, cfg.sampling_scheduler("ddim"), tmp_path / "p2", guidance_interval=5)
+
+
+def load_for_sampling_tiny(tmp_path):
+    path = tmp_path / "run"
+    Trainer(TrainConfig(**TINY), path, progress=False).train()
+    return load_for_sampling(path)

@@ -440,6 +440,11 @@ CONFIG_ARGS = {
         pytest.param("backend", "jax", id="backend"),
         pytest.param("dtype", "int32", id="dtype"),
         pytest.param("data", 5, id="data=5"),
+        pytest.param("guidance_interval", [600, 100], id="interval=reversed"),
+        pytest.param("guidance_interval", [0, 1000], id="interval=past T"),
+        pytest.param("guidance_interval", [-1, 10], id="interval=negative"),
+        pytest.param("guidance_interval", [100], id="interval=one number"),
+        pytest.param("guidance_interval", "0-600", id="interval=str"),
     ],
 )
 def test_train_config_sweep(name, value):

@@ -131,6 +131,15 @@ BAD = [
     ("sample {run} --seed -1", r"--seed to be an integer >= 0, got -1"),
     ("sample {run} --eta -0.5", r"--eta to be a finite number >= 0.0, got -0.5"),
     ("evaluate {run} --eta nan", r"--eta to be a finite number >= 0.0, got nan"),
+    (
+        "sample {run} --guidance-interval 600 100",
+        r"--guidance-interval T_HIGH to be an integer >= 600, got 100",
+    ),
+    (
+        "evaluate {run} --guidance-interval -1 5",
+        r"--guidance-interval T_LOW to be an integer >= 0, got -1",
+    ),
+    ("sample {run} --guidance-interval 5", r"--guidance-interval: expected 2 arguments"),
     ("sample {run} --scheduler euler", r"argument --scheduler: invalid choice: 'euler'"),
     # evaluate
     ("evaluate {run} --per-digit 0", r"--per-digit to be an integer >= 1"),

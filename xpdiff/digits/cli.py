@@ -109,6 +109,7 @@ def _write_samples(
     backend_name: str,
     progress: bool = True,
     eta: float | None = None,
+    interval: list[int] | None = None,
 ) -> None:
     from ..pipelines import generate
     from .data import NUM_CLASSES
@@ -118,6 +119,7 @@ def _write_samples(
     model, cfg = load_for_sampling(ckpt, backend_name)
     guidance = cfg.guidance_scale if guidance is None else guidance
     eta = cfg.eta if eta is None else eta
+    interval = cfg.guidance_interval if interval is None else interval
     sched = cfg.sampling_scheduler(scheduler_name)
     labels = [d for d in range(NUM_CLASSES) for _ in range(per_digit)]
     t0 = time.perf_counter()
@@ -130,12 +132,13 @@ def _write_samples(
         null_class=cfg.null_class,
         seed=seed,
         eta=eta,
+        guidance_interval=interval,
         return_trajectory=gif is not None,
         progress=progress,
     )
     print(
         f"sampled {len(labels)} digits with {_sampler_text(scheduler_name, steps, eta)}, "
-        f"guidance {guidance} in {time.perf_counter() - t0:.1f} s"
+        f"{_guidance_text(guidance, interval)} in {time.perf_counter() - t0:.1f} s"
     )
     rows = [str(d) for d in range(NUM_CLASSES)]
     save_grid(res.images, out, nrow=per_digit, row_labels=rows)
@@ -143,7 +146,7 @@ def _write_samples(
         # about 25 frames: the first (pure noise), every stride-th step and the last
         last = len(res.trajectory) - 1
         keep = sorted({*range(0, last, max(1, last // 24)), last})
-        title = f"{_sampler_text(scheduler_name, steps, eta)}, guidance {guidance}"
+        title = f"{_sampler_text(scheduler_name, steps, eta)}, {_guidance_text(guidance, interval)}"
         save_gif(
             [res.trajectory[k] for k in keep],
             gif,
@@ -160,6 +163,13 @@ def _sampler_text(scheduler_name: str, steps: int, eta: float) -> str:
     return f"{text} (eta {eta})" if scheduler_name == "ddim" else text
 
 
+def _guidance_text(guidance: float, interval: list[int] | None) -> str:
+    """How messages name the guidance, e.g. "guidance 2.0 at t 0-600"."""
+    if interval is None or guidance == 1.0:
+        return f"guidance {guidance}"
+    return f"guidance {guidance} at t {interval[0]}-{interval[1]}"
+
+
 def _sample(args: argparse.Namespace) -> int:
     steps = args.steps if args.steps is not None else _DEFAULT_STEPS[args.scheduler]
     _write_samples(
@@ -173,6 +183,7 @@ def _sample(args: argparse.Namespace) -> int:
         args.per_digit,
         args.backend,
         eta=args.eta,
+        interval=args.guidance_interval,
     )
     print(f"wrote {args.out}")
     return 0
@@ -188,6 +199,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     model, cfg = load_for_sampling(args.checkpoint, args.backend)
     guidance = cfg.guidance_scale if args.guidance is None else args.guidance
     eta = cfg.eta if args.eta is None else args.eta
+    interval = cfg.guidance_interval if args.guidance_interval is None else args.guidance_interval
     clf = load_or_train_classifier(cfg.size, data_path=cfg.data)
     sched = cfg.sampling_scheduler(args.scheduler)
     steps = args.steps if args.steps is not None else _DEFAULT_STEPS[args.scheduler]
@@ -202,6 +214,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         null_class=cfg.null_class,
         seed=args.seed,
         eta=eta,
+        guidance_interval=interval,
         progress=True,
     )
     took = time.perf_counter() - t0
@@ -215,7 +228,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     held = heldout_digits(cfg.size, cfg.data)
     report = evaluate_samples(clf, res.images, labels, held.x_test, held.y_test)
     print(
-        f"{len(labels)} samples, {_sampler_text(args.scheduler, steps, eta)}, guidance {guidance}, "
+        f"{len(labels)} samples, {_sampler_text(args.scheduler, steps, eta)}, "
+        f"{_guidance_text(guidance, interval)}, "
         f"seed {args.seed} ({took:.1f} s)"
     )
     print(report.format())
@@ -232,6 +246,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             "steps": steps,
             "guidance": guidance,
             "eta": eta,
+            "guidance_interval": interval,
             "seed": args.seed,
             "backend": args.backend,
             "data": cfg.data,
@@ -338,6 +353,10 @@ def _check_flags(args: argparse.Namespace) -> None:
             check_float(
                 where, flag, value, min=0.0 if lo is None else lo, min_open=kind == "float>0"
             )
+    interval = getattr(args, "guidance_interval", None)
+    if interval is not None:
+        check_int(where, "--guidance-interval T_LOW", interval[0], min=0)
+        check_int(where, "--guidance-interval T_HIGH", interval[1], min=interval[0])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -425,6 +444,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sampling.add_argument(
         "--guidance", type=float, help="guidance scale, >= 0 (default: the run's guidance_scale)"
+    )
+    sampling.add_argument(
+        "--guidance-interval",
+        type=int,
+        nargs=2,
+        metavar=("T_LOW", "T_HIGH"),
+        help="guide only at timesteps T_LOW <= t <= T_HIGH (default: the run's "
+        "guidance_interval; none: every step)",
     )
     sampling.add_argument(
         "--eta",

@@ -73,6 +73,9 @@ class TrainConfig(training.TrainingSettings):
     # corrects the small errors a deterministic trajectory keeps, which left grey speckle
     # on the background (measured in the README's results).  Ignored by "ddpm" and "dpm".
     eta: float = 1.0
+    # Guide only at timesteps t_low <= t <= t_high (Kynkaanniemi et al., 2024), taking the
+    # conditional prediction alone elsewhere; None: guide at every step.
+    guidance_interval: list[int] | None = None
     # Clip the predicted x_0 to [-1, 1] while sampling.  Off: near t = T the x_0 estimate
     # (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) divides by sqrt(alpha_bar) ~ 0.016
     # under the cosine schedule, clipping turns it into a +-1 pattern that DDIM then keeps:
@@ -128,6 +131,11 @@ class TrainConfig(training.TrainingSettings):
         v.check_int(where, "sample_steps", self.sample_steps, min=1, max=self.num_train_timesteps)
         v.check_float(where, "guidance_scale", self.guidance_scale, min=0.0)
         v.check_float(where, "eta", self.eta, min=0.0)
+        if self.guidance_interval is not None:
+            lo, hi = v.check_int_list(
+                where, "guidance_interval", self.guidance_interval, min=0, length=2
+            )
+            v.check_int(where, "guidance_interval[1]", hi, min=lo, max=self.num_train_timesteps - 1)
         v.check_bool(where, "clip_sample", self.clip_sample)
 
     def settings(self) -> training.TrainingSettings:
@@ -327,7 +335,7 @@ def _load_checkpoint_for_sampling(
 def export_run(run: str | os.PathLike, save_directory: str | os.PathLike) -> Path:
     """Export the latest checkpoint of a training run (or a checkpoint directory): the EMA
     weights and the run's DDIM sampling scheduler (with its ``clip_sample``); the README's
-    snippet samples with the run's guidance scale, steps and eta."""
+    snippet samples with the run's guidance scale (and interval), steps and eta."""
     model, cfg = load_for_sampling(run, "numpy", use_ema=True)
     return export_pipeline(
         model,
@@ -337,4 +345,5 @@ def export_run(run: str | os.PathLike, save_directory: str | os.PathLike) -> Pat
         guidance_scale=cfg.guidance_scale,
         num_inference_steps=cfg.sample_steps,
         eta=cfg.eta,
+        guidance_interval=cfg.guidance_interval,
     )

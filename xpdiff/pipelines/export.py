@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from .. import io
-from .._validation import check_float
+from .._validation import check_float, check_int_list
 from ..models.unet_2d import UNet2DModel
 from ..schedulers import DDIMScheduler
 
@@ -27,6 +27,7 @@ def export_pipeline(
     guidance_scale: float = 1.0,
     num_inference_steps: int = 50,
     eta: float = 0.0,
+    guidance_interval: tuple[int, int] | None = None,
 ) -> Path:
     """Write ``model`` and ``scheduler`` as a diffusers pipeline folder.
 
@@ -34,7 +35,8 @@ def export_pipeline(
     ``unet/`` (``model.save_pretrained``, which warns for sizes diffusers cannot run),
     ``scheduler/`` (``scheduler_config.json``) and ``README.md`` with the class count,
     the null class, the guidance scale and a sampling snippet for diffusers that steps with
-    ``eta`` (DDIM's noise weight, Song et al. 2021 eq. 16: 0 deterministic, 1 DDPM-like).
+    ``eta`` (DDIM's noise weight, Song et al. 2021 eq. 16: 0 deterministic, 1 DDPM-like)
+    and guides at the timesteps of ``guidance_interval`` only, as ``generate`` does.
 
     Returns:
         The folder.
@@ -61,7 +63,12 @@ def export_pipeline(
         out / "model_index.json",
     )
     eta = check_float("export_pipeline", "eta", eta, min=0.0)
-    text = _readme(model, scheduler, null_class, guidance_scale, num_inference_steps, eta)
+    if guidance_interval is not None:
+        lo, hi = check_int_list("export_pipeline", "guidance_interval", guidance_interval, length=2)
+        guidance_interval = (lo, hi)
+    text = _readme(
+        model, scheduler, null_class, guidance_scale, num_inference_steps, eta, guidance_interval
+    )
     io.atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(text))
     return out
 
@@ -73,6 +80,7 @@ def _readme(
     guidance: float,
     steps: int,
     eta: float,
+    interval: tuple[int, int] | None,
 ) -> str:
     cfg = model.config
     classes = cfg.num_class_embeds
@@ -92,7 +100,8 @@ def _readme(
         lines += [
             f"- Class-conditional: {classes} class embeddings; class {null_class} is the null "
             f"(unconditional) class used for classifier-free guidance.",
-            f"- Guidance scale of the run: {guidance}.",
+            f"- Guidance scale of the run: {guidance}"
+            + (f", at timesteps {interval[0]} to {interval[1]} only." if interval else "."),
         ]
     lines += [
         "",
@@ -119,6 +128,11 @@ def _readme(
             "                    class_labels=torch.cat([labels, null])).sample",
             "        cond, uncond = both.chunk(2)",
             "        eps = uncond + guidance * (cond - uncond)",
+            *(
+                [f"        if not {interval[0]} <= t <= {interval[1]}:", "            eps = cond"]
+                if interval
+                else []
+            ),
             f"        x = scheduler.step(eps, t, x, eta={eta}, generator=gen).prev_sample",
         ]
     else:
