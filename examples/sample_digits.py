@@ -31,6 +31,7 @@ def main() -> None:
         guidance_scale=config.guidance_scale if args.guidance is None else args.guidance,
         null_class=config.null_class,
         eta=config.eta,  # the run's DDIM noise weight (1: fresh noise every step)
+        guidance_interval=config.guidance_interval,  # guide only at these timesteps
         seed=0,
     )
     save_grid(result.images, args.out, nrow=8)

@@ -107,8 +107,9 @@ def test_guidance_interval_guides_only_inside_it(monkeypatch):
 @pytest.mark.parametrize(
     "interval,message",
     [
-        ((5, 2), r"guidance_interval\[1\] to be an integer >= 5, got 2"),
+        ((5, 2), r"guidance_interval\[1\] to be an integer >= 5 and <= 999, got 2"),
         ((-1, 2), r"guidance_interval\[0\] to be an integer >= 0, got -1"),
+        ((0, 1000), r"guidance_interval\[1\] to be an integer >= 0 and <= 999, got 1000"),
         ((1.5, 2), r"guidance_interval\[0\] to be an integer"),
         (7, r"guidance_interval to be a pair \(t_low, t_high\) or None, got 7"),
         ((1, 2, 3), r"a pair \(t_low, t_high\) or None, got \(1, 2, 3\)"),

@@ -140,6 +140,10 @@ BAD = [
         r"--guidance-interval T_LOW to be an integer >= 0, got -1",
     ),
     ("sample {run} --guidance-interval 5", r"--guidance-interval: expected 2 arguments"),
+    (
+        "sample {run} --guidance-interval 0 5000",
+        r"guidance_interval\[1\] to be an integer >= 0 and <= 999",
+    ),
     ("sample {run} --scheduler euler", r"argument --scheduler: invalid choice: 'euler'"),
     # evaluate
     ("evaluate {run} --per-digit 0", r"--per-digit to be an integer >= 1"),

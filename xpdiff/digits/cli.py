@@ -233,25 +233,25 @@ def _evaluate(args: argparse.Namespace) -> int:
         f"seed {args.seed} ({took:.1f} s)"
     )
     print(report.format())
+    settings = {
+        "checkpoint": os.path.abspath(args.checkpoint),
+        "image_size": cfg.size,
+        "per_digit": args.per_digit,
+        "scheduler": args.scheduler,
+        "steps": steps,
+        "guidance": guidance,
+        "eta": eta,
+        "guidance_interval": interval,
+        "seed": args.seed,
+        "backend": args.backend,
+        "data": cfg.data,
+        "xpdiff_version": __version__,
+    }
     if args.json:
         from .. import io
 
-        io.save_json(report.to_json(), args.json)
+        io.save_json({**report.to_json(), "sampling": settings}, args.json)
     if args.save_samples:
-        settings = {
-            "checkpoint": os.path.abspath(args.checkpoint),
-            "image_size": cfg.size,
-            "per_digit": args.per_digit,
-            "scheduler": args.scheduler,
-            "steps": steps,
-            "guidance": guidance,
-            "eta": eta,
-            "guidance_interval": interval,
-            "seed": args.seed,
-            "backend": args.backend,
-            "data": cfg.data,
-            "xpdiff_version": __version__,
-        }
         save_samples(args.save_samples, res.images, labels, settings)
         print(f"wrote {args.save_samples}: the {len(labels)} judged samples, labels and settings")
     return 0
@@ -450,8 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         nargs=2,
         metavar=("T_LOW", "T_HIGH"),
-        help="guide only at timesteps T_LOW <= t <= T_HIGH (default: the run's "
-        "guidance_interval; none: every step)",
+        help="guide only at timesteps T_LOW <= t <= T_HIGH; 0 999 guides at every step "
+        "(default: the run's guidance_interval)",
     )
     sampling.add_argument(
         "--eta",

@@ -94,7 +94,7 @@ def generate(
         )
     labels, B = _labels_and_batch(model, class_labels, batch_size)
     _check_guidance(model, labels, guidance_scale, null_class)
-    interval = _check_interval(guidance_interval)
+    interval = _check_interval(guidance_interval, scheduler)
     if not isinstance(scheduler, (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler)):
         raise ValueError(
             f"generate: expected a DDPMScheduler or DDIMScheduler (or a "
@@ -161,8 +161,8 @@ def _check_guidance(
         raise ValueError(f"generate: null_class must be in [0, {n_classes}), got {null_class}")
 
 
-def _check_interval(interval: Any) -> tuple[int, int] | None:
-    """``guidance_interval`` as a pair of ints ``t_low <= t_high`` (or None)."""
+def _check_interval(interval: Any, scheduler: Any) -> tuple[int, int] | None:
+    """``guidance_interval`` as a pair of ints ``0 <= t_low <= t_high < T`` (or None)."""
     if interval is None:
         return None
     where = "generate"
@@ -172,7 +172,8 @@ def _check_interval(interval: Any) -> tuple[int, int] | None:
             f"got {interval!r}"
         )
     lo = check_int(where, "guidance_interval[0]", interval[0], min=0)
-    hi = check_int(where, "guidance_interval[1]", interval[1], min=lo)
+    T = int(getattr(scheduler, "config", {}).get("num_train_timesteps", 1000))
+    hi = check_int(where, "guidance_interval[1]", interval[1], min=lo, max=T - 1)
     return lo, hi
 
 
