@@ -43,7 +43,7 @@ class TrainConfig(training.TrainingSettings):
     """
 
     # optimisation: the recipe's own default
-    epochs: int = 18  # 1,278 steps: about 8.5 min with the final grid (2 cores, 2026-11-29)
+    epochs: int = 14  # 994 steps: about 5.5 min with the final grid (2 cores, 2026-11-30)
     # data
     data: str | None = None  # None: the embedded 5,000 MNIST digits; else an IDX folder
     size: int = 14  # 14 (2x2 mean pooled, as the origin) or 28
@@ -74,8 +74,11 @@ class TrainConfig(training.TrainingSettings):
     # on the background (measured in the README's results).  Ignored by "ddpm" and "dpm".
     eta: float = 1.0
     # Guide only at timesteps t_low <= t <= t_high (Kynkaanniemi et al., 2024), taking the
-    # conditional prediction alone elsewhere; None: guide at every step.
-    guidance_interval: list[int] | None = None
+    # conditional prediction alone elsewhere; None: guide at every step.  Guiding the noisiest
+    # 40% of the steps too narrowed the samples: on the 18-epoch default run (200 samples,
+    # guidance 2.0, eta 1) the Frechet distance over its floor was 3.74 guiding every step,
+    # 2.75 at t <= 600 (accuracy 100% both) and 2.35 without guidance (93.5%).
+    guidance_interval: list[int] | None = field(default_factory=lambda: [0, 600])
     # Clip the predicted x_0 to [-1, 1] while sampling.  Off: near t = T the x_0 estimate
     # (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) divides by sqrt(alpha_bar) ~ 0.016
     # under the cosine schedule, clipping turns it into a +-1 pattern that DDIM then keeps:
