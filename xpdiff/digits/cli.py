@@ -70,6 +70,9 @@ def _train(args: argparse.Namespace) -> int:
             )
             return 2
         procs = f", {world.size} processes" if world.size > 1 else ""
+        if trainer.shards > 1:
+            procs += f", each batch in {trainer.shards} shards"
+        first_step = trainer.step
         say(
             f"training a {trainer.model.num_parameters():,}-parameter UNet on "
             f"{trainer.y_train.shape[0]} digits at {cfg.size}x{cfg.size} for "
@@ -84,8 +87,9 @@ def _train(args: argparse.Namespace) -> int:
     if not world.is_root:
         return 0
     print(
-        f"done: {summary['steps']} steps in {summary['seconds']:.0f} s, "
-        f"last loss {summary['final_loss']:.4f}"
+        f"done: {summary['steps'] - first_step} steps in {summary['seconds']:.0f} s "
+        f"(step {summary['steps']} of {trainer.total_steps}), "
+        f"last batch's loss {summary['final_loss']:.4f}"
     )
     if not args.no_samples:
         out = run / "samples.png"
