@@ -643,8 +643,12 @@ def test_cli_sample_with_dpm(tmp_path, capsys):
 
 
 def test_cli_evaluate_takes_the_scheduler():
-    from xpdiff.digits.cli import _DEFAULT_STEPS, build_parser
+    from xpdiff.digits.cli import _steps_of, build_parser
+    from xpdiff.digits.training import TrainConfig
 
     args = build_parser().parse_args(["evaluate", "RUN", "--scheduler", "dpm"])
-    assert (args.scheduler, args.steps, _DEFAULT_STEPS["dpm"]) == ("dpm", None, 20)
+    cfg = TrainConfig(sample_steps=100)
+    assert (args.scheduler, args.steps, _steps_of(cfg, "dpm")) == ("dpm", None, 20)
     assert build_parser().parse_args(["evaluate", "RUN"]).scheduler == "ddim"
+    # DDIM and DDPM default to the run's own sample_steps, as its final grid does
+    assert _steps_of(cfg, "ddim") == _steps_of(cfg, "ddpm") == 100

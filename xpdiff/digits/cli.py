@@ -13,6 +13,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 from .. import __version__
 from .._validation import check_float, check_int
@@ -105,7 +106,7 @@ def _write_samples(
     ckpt: Path,
     out: Path,
     gif: Path | None,
-    steps: int,
+    steps: int | None,
     scheduler_name: str,
     guidance: float | None,
     seed: int,
@@ -121,6 +122,7 @@ def _write_samples(
     from .training import load_for_sampling
 
     model, cfg = load_for_sampling(ckpt, backend_name)
+    steps = _steps_of(cfg, scheduler_name) if steps is None else steps
     guidance = cfg.guidance_scale if guidance is None else guidance
     eta = cfg.eta if eta is None else eta
     interval = cfg.guidance_interval if interval is None else interval
@@ -174,13 +176,18 @@ def _guidance_text(guidance: float, interval: list[int] | None) -> str:
     return f"guidance {guidance} at t {interval[0]}-{interval[1]}"
 
 
+def _steps_of(cfg: Any, scheduler_name: str) -> int:
+    """The default number of sampling steps: the run's ``sample_steps`` for DDIM and DDPM,
+    20 for DPM-Solver++."""
+    return _DPM_STEPS if scheduler_name == "dpm" else cfg.sample_steps
+
+
 def _sample(args: argparse.Namespace) -> int:
-    steps = args.steps if args.steps is not None else _DEFAULT_STEPS[args.scheduler]
     _write_samples(
         Path(args.checkpoint),
         Path(args.out),
         Path(args.gif) if args.gif else None,
-        steps,
+        args.steps,
         args.scheduler,
         args.guidance,
         args.seed,
@@ -206,7 +213,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     interval = cfg.guidance_interval if args.guidance_interval is None else args.guidance_interval
     clf = load_or_train_classifier(cfg.size, data_path=cfg.data)
     sched = cfg.sampling_scheduler(args.scheduler)
-    steps = args.steps if args.steps is not None else _DEFAULT_STEPS[args.scheduler]
+    steps = _steps_of(cfg, args.scheduler) if args.steps is None else args.steps
     labels = [d for d in range(data.NUM_CLASSES) for _ in range(args.per_digit)]
     t0 = time.perf_counter()
     res = generate(
@@ -325,7 +332,8 @@ def _from_config(field: str) -> str:
 
 
 #: Sampling steps of `xpdiff sample` without --steps: DPM-Solver++ is meant for about 20.
-_DEFAULT_STEPS = {"ddim": 50, "ddpm": 50, "dpm": 20}
+_SCHEDULERS = ("ddim", "ddpm", "dpm")
+_DPM_STEPS = 20  # DPM-Solver++(2M)'s default number of steps
 
 #: Range of each numeric flag: dest -> (kind, min, max).  Checked once after parsing.
 _RANGES = {
@@ -439,12 +447,14 @@ def build_parser() -> argparse.ArgumentParser:
     sampling = argparse.ArgumentParser(add_help=False)
     sampling.add_argument(
         "--scheduler",
-        choices=tuple(_DEFAULT_STEPS),
+        choices=_SCHEDULERS,
         default="ddim",
         help="sampler: DDIM, DDPM or DPM-Solver++(2M)",
     )
     sampling.add_argument(
-        "--steps", type=int, help="sampling steps (default: 50 for ddim and ddpm, 20 for dpm)"
+        "--steps",
+        type=int,
+        help="sampling steps (default: the run's sample_steps for ddim and ddpm, 20 for dpm)",
     )
     sampling.add_argument(
         "--guidance", type=float, help="guidance scale, >= 0 (default: the run's guidance_scale)"
