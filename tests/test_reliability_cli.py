@@ -295,3 +295,12 @@ def test_resume_of_a_complete_run_says_so(files, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"{run} is already complete: step 2 of 1" in out
     assert "last loss" not in out
+
+
+def test_eta_with_a_sampler_that_ignores_it_is_warned(files, capsys, tmp_path):
+    out = str(tmp_path / "g.png")
+    argv = ["sample", files["run"], "--scheduler", "dpm", "--steps", "2", "--per-digit", "1"]
+    assert main([*argv, "--eta", "0.5", "--out", out]) == 0
+    assert "warning: --eta is DDIM's; the dpm sampler ignores it" in capsys.readouterr().err
+    assert main([*argv, "--out", out]) == 0
+    assert "--eta" not in capsys.readouterr().err

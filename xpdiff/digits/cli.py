@@ -365,6 +365,8 @@ def _check_flags(args: argparse.Namespace) -> None:
             check_float(
                 where, flag, value, min=0.0 if lo is None else lo, min_open=kind == "float>0"
             )
+    if getattr(args, "eta", None) is not None and args.scheduler != "ddim":
+        print(f"warning: --eta is DDIM's; the {args.scheduler} sampler ignores it", file=sys.stderr)
     interval = getattr(args, "guidance_interval", None)
     if interval is not None:
         check_int(where, "--guidance-interval T_LOW", interval[0], min=0)
