@@ -116,51 +116,94 @@ def _write_samples(
     eta: float | None = None,
     interval: list[int] | None = None,
 ) -> None:
-    from ..pipelines import generate
     from .data import NUM_CLASSES
     from .images import save_gif, save_grid
     from .training import load_for_sampling
 
     model, cfg = load_for_sampling(ckpt, backend_name)
-    steps = _steps_of(cfg, scheduler_name) if steps is None else steps
-    guidance = cfg.guidance_scale if guidance is None else guidance
-    eta = cfg.eta if eta is None else eta
-    interval = cfg.guidance_interval if interval is None else interval
-    sched = cfg.sampling_scheduler(scheduler_name)
     labels = [d for d in range(NUM_CLASSES) for _ in range(per_digit)]
-    t0 = time.perf_counter()
-    res = generate(
+    res, used = _generate_digits(
         model,
-        sched,
+        cfg,
         labels,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        null_class=cfg.null_class,
-        seed=seed,
+        scheduler_name,
+        seed,
+        steps=steps,
+        guidance=guidance,
         eta=eta,
-        guidance_interval=interval,
-        return_trajectory=gif is not None,
+        interval=interval,
         progress=progress,
+        return_trajectory=gif is not None,
     )
-    print(
-        f"sampled {len(labels)} digits with {_sampler_text(scheduler_name, steps, eta)}, "
-        f"{_guidance_text(guidance, interval)} in {time.perf_counter() - t0:.1f} s"
-    )
+    text = _settings_text(scheduler_name, used)
+    print(f"sampled {len(labels)} digits with {text} in {used['seconds']:.1f} s")
     rows = [str(d) for d in range(NUM_CLASSES)]
     save_grid(res.images, out, nrow=per_digit, row_labels=rows)
     if gif is not None:
         # about 25 frames: the first (pure noise), every stride-th step and the last
         last = len(res.trajectory) - 1
         keep = sorted({*range(0, last, max(1, last // 24)), last})
-        title = f"{_sampler_text(scheduler_name, steps, eta)}, {_guidance_text(guidance, interval)}"
         save_gif(
             [res.trajectory[k] for k in keep],
             gif,
             nrow=per_digit,
             row_labels=rows,
-            titles=[f"{title}: step {k}/{last}" for k in keep],
+            titles=[f"{text}: step {k}/{last}" for k in keep],
         )
         print(f"wrote {gif}")
+
+
+def _generate_digits(
+    model: Any,
+    cfg: Any,
+    labels: list[int],
+    scheduler_name: str,
+    seed: int,
+    *,
+    steps: int | None = None,
+    guidance: float | None = None,
+    eta: float | None = None,
+    interval: list[int] | None = None,
+    progress: bool = True,
+    return_trajectory: bool = False,
+) -> tuple[Any, dict]:
+    """Sample ``labels`` with the run's sampler; a setting left None is the run's own (its
+    ``sample_steps``, ``guidance_scale``, ``eta``, ``guidance_interval``).
+
+    Returns the ``SampleResult`` and the settings used (``steps``, ``guidance``, ``eta``,
+    ``guidance_interval``) with the ``seconds`` sampling took.
+    """
+    from ..pipelines import generate
+
+    used = {
+        "steps": _steps_of(cfg, scheduler_name) if steps is None else steps,
+        "guidance": cfg.guidance_scale if guidance is None else guidance,
+        "eta": cfg.eta if eta is None else eta,
+        "guidance_interval": cfg.guidance_interval if interval is None else interval,
+    }
+    t0 = time.perf_counter()
+    res = generate(
+        model,
+        cfg.sampling_scheduler(scheduler_name),
+        labels,
+        num_inference_steps=used["steps"],
+        guidance_scale=used["guidance"],
+        null_class=cfg.null_class,
+        seed=seed,
+        eta=used["eta"],
+        guidance_interval=used["guidance_interval"],
+        return_trajectory=return_trajectory,
+        progress=progress,
+    )
+    used["seconds"] = time.perf_counter() - t0
+    return res, used
+
+
+def _settings_text(scheduler_name: str, used: dict) -> str:
+    """How messages name the sampling, e.g. "DDIM 50 steps (eta 1.0), guidance 2.0 at t
+    0-600"."""
+    sampler = _sampler_text(scheduler_name, used["steps"], used["eta"])
+    return f"{sampler}, {_guidance_text(used['guidance'], used['guidance_interval'])}"
 
 
 def _sampler_text(scheduler_name: str, steps: int, eta: float) -> str:
@@ -201,34 +244,25 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from ..pipelines import generate
     from . import data
     from .classifier import HELDOUT_FRACTION, heldout_digits, load_or_train_classifier
     from .evaluation import evaluate_samples, save_samples
     from .training import load_for_sampling
 
     model, cfg = load_for_sampling(args.checkpoint, args.backend)
-    guidance = cfg.guidance_scale if args.guidance is None else args.guidance
-    eta = cfg.eta if args.eta is None else args.eta
-    interval = cfg.guidance_interval if args.guidance_interval is None else args.guidance_interval
     clf = load_or_train_classifier(cfg.size, data_path=cfg.data)
-    sched = cfg.sampling_scheduler(args.scheduler)
-    steps = _steps_of(cfg, args.scheduler) if args.steps is None else args.steps
     labels = [d for d in range(data.NUM_CLASSES) for _ in range(args.per_digit)]
-    t0 = time.perf_counter()
-    res = generate(
+    res, used = _generate_digits(
         model,
-        sched,
+        cfg,
         labels,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        null_class=cfg.null_class,
-        seed=args.seed,
-        eta=eta,
-        guidance_interval=interval,
-        progress=True,
+        args.scheduler,
+        args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        eta=args.eta,
+        interval=args.guidance_interval,
     )
-    took = time.perf_counter() - t0
     if cfg.test_fraction != HELDOUT_FRACTION:
         print(
             f"warning: the run held out test_fraction={cfg.test_fraction} of the digits, the "
@@ -239,9 +273,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     held = heldout_digits(cfg.size, cfg.data)
     report = evaluate_samples(clf, res.images, labels, held.x_test, held.y_test)
     print(
-        f"{len(labels)} samples, {_sampler_text(args.scheduler, steps, eta)}, "
-        f"{_guidance_text(guidance, interval)}, "
-        f"seed {args.seed} ({took:.1f} s)"
+        f"{len(labels)} samples, {_settings_text(args.scheduler, used)}, "
+        f"seed {args.seed} ({used['seconds']:.1f} s)"
     )
     print(report.format())
     settings = {
@@ -249,10 +282,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         "image_size": cfg.size,
         "per_digit": args.per_digit,
         "scheduler": args.scheduler,
-        "steps": steps,
-        "guidance": guidance,
-        "eta": eta,
-        "guidance_interval": interval,
+        "steps": used["steps"],
+        "guidance": used["guidance"],
+        "eta": used["eta"],
+        "guidance_interval": used["guidance_interval"],
         "seed": args.seed,
         "backend": args.backend,
         "data": cfg.data,
