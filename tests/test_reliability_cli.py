@@ -304,3 +304,23 @@ def test_eta_with_a_sampler_that_ignores_it_is_warned(files, capsys, tmp_path):
     assert "warning: --eta is DDIM's; the dpm sampler ignores it" in capsys.readouterr().err
     assert main([*argv, "--out", out]) == 0
     assert "--eta" not in capsys.readouterr().err
+
+
+def test_sample_steps_flag_is_saved_with_the_run(files, tmp_path, capsys):
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps({**json.loads(open(files["good"]).read()), "max_steps": 1}))
+    run = tmp_path / "steps"
+    argv = ["train", "--config", str(cfg), "--out", str(run), "--no-progress"]
+    assert main([*argv, "--sample-steps", "3"]) == 0
+    assert "with DDIM 3 steps" in capsys.readouterr().out  # the final grid
+    assert json.loads((run / "config.json").read_text())["sample_steps"] == 3
+    # sample (and evaluate, export) default to the run's saved sample_steps
+    grid = str(tmp_path / "g.png")
+    assert main(["sample", str(run), "--per-digit", "1", "--out", grid]) == 0
+    assert "with DDIM 3 steps" in capsys.readouterr().out
+    # --resume treats it as --guidance: another value is refused, the same one continues
+    more = [*argv, "--resume", "--steps", "2", "--no-samples"]
+    assert main([*more, "--sample-steps", "4"]) == 2
+    assert "different settings for ['sample_steps']" in capsys.readouterr().err
+    assert main([*more, "--sample-steps", "3"]) == 0
+    assert "resumed from step 1 of 2" in capsys.readouterr().out

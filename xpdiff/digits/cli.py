@@ -41,6 +41,7 @@ def _train(args: argparse.Namespace) -> int:
         "backend": args.backend,
         "checkpoint_every": args.checkpoint_every,
         "guidance_scale": args.guidance,
+        "sample_steps": args.sample_steps,
         "shards": args.shards,
     }
     for key, value in overrides.items():
@@ -94,10 +95,8 @@ def _train(args: argparse.Namespace) -> int:
     )
     if not args.no_samples:
         out = run / "samples.png"
-        steps = args.sample_steps or cfg.sample_steps
-        _write_samples(
-            run, out, None, steps, "ddim", None, 0, 10, cfg.backend, not args.no_progress
-        )
+        # steps and guidance None: the run's own (its saved sample_steps, guidance_scale)
+        _write_samples(run, out, None, None, "ddim", None, 0, 10, cfg.backend, not args.no_progress)
         print(f"wrote {out}")
     return 0
 
@@ -465,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--sample-steps",
         type=int,
-        help="DDIM steps of the final sample grid " + _from_config("sample_steps"),
+        help="DDIM steps of the final sample grid, saved as the run's sample_steps (the "
+        "default of sample, evaluate and export) " + _from_config("sample_steps"),
     )
     t.add_argument(
         "--shards",
