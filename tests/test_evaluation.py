@@ -403,3 +403,38 @@ def test_shift_augment_keeps_shape_and_range():
         assert y.shape == x.shape and y.dtype == x.dtype
         assert y.min() >= -1.0 and y.max() <= 1.0
     assert clf._shift_augment(x, 0, gen) is x
+
+
+def _report(per_digit: dict[int, float], fd_samples: int = 250) -> EvalReport:
+    """A report with the given per-digit accuracies (100 samples each) and made-up distances."""
+    return EvalReport(
+        image_size=14,
+        n_samples=100 * len(per_digit),
+        n_real=500,
+        accuracy=sum(per_digit.values()) / len(per_digit),
+        per_digit_accuracy=per_digit,
+        per_digit_count={d: 100 for d in per_digit},
+        frechet_distance=3.0,
+        real_floor=2.0,
+        fd_samples=fd_samples,
+        fd_draws=1,
+    )
+
+
+def test_report_names_every_digit_tied_for_worst():
+    acc = {d: 1.0 for d in range(10)}
+    acc[3] = acc[5] = 0.98
+    report = _report(acc)
+    assert report.worst_digits == ([3, 5], 0.98)
+    assert report.worst_digit == (3, 0.98)  # unchanged: the smallest tied digit
+    assert "worst digits (3, 5)" in report.format()
+    assert "worst digit (3)" not in report.format()
+    js = report.to_json()
+    # the JSON keeps its check name and adds the list of tied digits
+    assert js["checks"][1]["name"] == "worst digit (3)" and js["worst_digits"] == [3, 5]
+    acc[5] = 0.99
+    assert "worst digit (3) " in _report(acc).format()
+    assert _report(acc).to_json()["worst_digits"] == [3]
+    every = _report(dict.fromkeys(range(10), 1.0))
+    assert "worst digits (all 10 tied)" in every.format()
+    assert every.to_json()["worst_digits"] == list(range(10))

@@ -224,17 +224,41 @@ class EvalReport:
 
     @property
     def worst_digit(self) -> tuple[int, float]:
-        """(digit, accuracy) of the least accurate requested digit."""
+        """(digit, accuracy) of the least accurate requested digit; the smallest such digit
+        when several tie (:attr:`worst_digits` names them all)."""
         d = min(self.per_digit_accuracy, key=lambda k: (self.per_digit_accuracy[k], k))
         return d, self.per_digit_accuracy[d]
 
+    @property
+    def worst_digits(self) -> tuple[list[int], float]:
+        """(digits, accuracy): every requested digit at the lowest accuracy, in order."""
+        _, worst = self.worst_digit
+        return sorted(d for d, a in self.per_digit_accuracy.items() if a == worst), worst
+
     def checks(self) -> list[tuple[str, float | None, str, bool | None]]:
-        """The strict figures against :data:`TARGETS`: (name, value, target, met or None)."""
+        """The strict figures against :data:`TARGETS`: (name, value, target, met or None).
+
+        The worst digit's row is named ``"worst digit (d)"`` after the smallest of the tied
+        digits, as in earlier JSON reports; the text report names every tied digit.
+        """
+        return self._checks(f"worst digit ({self.worst_digit[0]})")
+
+    def _worst_text(self) -> str:
+        """How the text report names the worst digit(s): "worst digit (3)", "worst digits
+        (3, 5)", or "worst digits (all 10 tied)"."""
+        digits, _ = self.worst_digits
+        if len(digits) == 1:
+            return f"worst digit ({digits[0]})"
+        if len(digits) == len(self.per_digit_accuracy):
+            return f"worst digits (all {len(digits)} tied)"
+        return f"worst digits ({', '.join(str(d) for d in digits)})"
+
+    def _checks(self, worst_name: str) -> list[tuple[str, float | None, str, bool | None]]:
         t = TARGETS
-        d, worst = self.worst_digit
+        _, worst = self.worst_digit
         rows = [
             ("accuracy", self.accuracy, f">= {t['accuracy']}", self.accuracy >= t["accuracy"]),
-            (f"worst digit ({d})", worst, f">= {t['worst_digit']}", worst >= t["worst_digit"]),
+            (worst_name, worst, f">= {t['worst_digit']}", worst >= t["worst_digit"]),
             (f"confident accuracy (p >= {self.confidence})", self.confident_accuracy, "", None),
         ]
         for name, value, key in (
@@ -248,7 +272,7 @@ class EvalReport:
     # -- text -------------------------------------------------------------------
     def _headline(self) -> list[str]:
         lines = [f"  {'strict figures':<34} {'value':>7}  {'target':<7}  met"]
-        for name, value, target, ok in self.checks():
+        for name, value, target, ok in self._checks(self._worst_text()):
             met = "" if ok is None else ("yes" if ok else "NO")
             lines.append(f"  {name:<34} {_f(value, '>7.3f')}  {target:<7}  {met}")
         return lines
@@ -326,6 +350,7 @@ class EvalReport:
                 out[k] = {str(d): x for d, x in v.items()}
         out["fd_ratio"] = self.fd_ratio
         out["background_ratio"] = self.background_ratio
+        out["worst_digits"] = self.worst_digits[0]
         out["targets"] = dict(TARGETS)
         out["checks"] = [
             {"name": n, "value": v, "target": t, "met": ok} for n, v, t, ok in self.checks()
