@@ -294,6 +294,8 @@ def test_evaluate_frechet_uses_equal_counts_and_draws(trained14, prepared14):
     few = evaluate_samples(model, p.x_train[idx[:40]], p.y_train[idx[:40]], p.x_test, p.y_test)
     assert (few.fd_samples, few.fd_draws) == (40, 1)
     assert few.real_floor > report.real_floor  # the floor is measured at the same 40 rows
+    assert few.fd_features == report.fd_features == 64
+    assert "40 rows for 64 features" in few.format() and "rows for" not in report.format()
 
 
 def test_evaluate_errors(prepared14):
@@ -438,3 +440,13 @@ def test_report_names_every_digit_tied_for_worst():
     every = _report(dict.fromkeys(range(10), 1.0))
     assert "worst digits (all 10 tied)" in every.format()
     assert every.to_json()["worst_digits"] == list(range(10))
+
+
+def test_report_notes_fewer_frechet_rows_than_features():
+    acc = dict.fromkeys(range(10), 1.0)
+    few, enough = _report(acc, fd_samples=40), _report(acc, fd_samples=64)
+    note = "40 rows for 64 features"
+    assert note in few.format() and "ratio is unreliable" in few.format()
+    assert "at least 64 rows are needed" in few.format()
+    assert "rows for" not in enough.format()
+    assert few.fd_ratio == enough.fd_ratio == 1.5  # the numbers themselves are unchanged

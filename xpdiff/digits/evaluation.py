@@ -27,7 +27,7 @@ from typing import Any
 
 from .. import backend
 from .. import io as xio
-from .classifier import DigitClassifier, _check_count
+from .classifier import FEATURE_DIM, DigitClassifier, _check_count
 from .data import NUM_CLASSES
 
 __all__ = [
@@ -183,7 +183,9 @@ class EvalReport:
     Accuracies are fractions in [0, 1]; background levels are in [0, 1] (0 black); dicts are
     keyed by the requested digit.  ``frechet_distance`` and ``real_floor`` are both measured
     on ``fd_samples`` rows against the same ``fd_samples`` real held-out digits (half A):
-    generated (the mean over ``fd_draws`` disjoint draws) vs A, and real half B vs A.
+    generated (the mean over ``fd_draws`` disjoint draws) vs A, and real half B vs A, on
+    ``fd_features`` classifier features; with fewer rows than features the covariances are
+    rank-deficient, the floor is large and their ratio means little (the text report says so).
     """
 
     image_size: int
@@ -201,6 +203,7 @@ class EvalReport:
     classifier_confident_accuracy: float | None = None
     fd_samples: int = 0
     fd_draws: int = 0
+    fd_features: int = FEATURE_DIM
     border: int = 0
     background: float | None = None
     real_background: float | None = None
@@ -292,6 +295,7 @@ class EvalReport:
             ),
             f"    ({self.fd_samples} vs {self.fd_samples} classifier features; generated: mean "
             f"of {self.fd_draws} draw{'s' if self.fd_draws != 1 else ''}; real: half B, the floor)",
+            *self._few_rows_note(),
             row(
                 f"background ({self.border}-pixel border mean)",
                 self.background,
@@ -313,6 +317,18 @@ class EvalReport:
                 + ("" if conf is None else f", confident {conf:.4f}")
             )
         return lines
+
+    def _few_rows_note(self) -> list[str]:
+        """Warning lines when the Frechet distance had fewer rows than features."""
+        k, dim = self.fd_samples, self.fd_features
+        if not 0 < k < dim:
+            return []
+        return [
+            f"    (note: only {k} rows for {dim} features: the floor is large and the ratio is "
+            f"unreliable;",
+            f"    at least {dim} rows are needed: {dim} generated digits and 2 x {dim} real "
+            f"held-out ones)",
+        ]
 
     def _table(self) -> list[str]:
         lines = [
@@ -602,6 +618,7 @@ def evaluate_samples(
         classifier_confident_accuracy=cls_conf,
         fd_samples=k,
         fd_draws=draws,
+        fd_features=int(gen_f.shape[1]),
         border=border_width(classifier.size),
         background=_mean(bg["border_mean"]),
         real_background=_mean(real_bg["border_mean"]),
