@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from conftest import TINY_UNET
@@ -102,6 +104,24 @@ def test_guidance_interval_guides_only_inside_it(monkeypatch):
     full = generate(m, DDIMScheduler(), [1, 2], **kw).images
     covering = generate(m, DDIMScheduler(), [1, 2], guidance_interval=(0, 999), **kw).images
     np.testing.assert_array_equal(full, covering)
+
+
+def test_guidance_interval_between_sampled_timesteps_is_warned():
+    """DDIM 50 samples t = 980, 960, ..., 20, 0: (5, 9) holds none of them."""
+    m = model_on(backend.namespace_for("numpy"))
+    kw = dict(num_inference_steps=50, guidance_scale=2.0, null_class=3)
+    with pytest.warns(UserWarning) as caught:
+        res = generate(m, DDIMScheduler(), [1], guidance_interval=(5, 9), **kw)
+    assert res.timesteps[-2:] == [20, 0]
+    assert len(caught) == 1 and caught[0].filename == __file__
+    text = str(caught[0].message)
+    assert "guidance_interval (5, 9)" in text and "of the 50 sampled timesteps, got none" in text
+    assert "the nearest: 0 below and 20 above" in text and "no step is guided" in text
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # an interval holding a sampled step, or no guidance at all: nothing to warn about
+        generate(m, DDIMScheduler(), [1], guidance_interval=(5, 20), **kw)
+        generate(m, DDIMScheduler(), [1], guidance_interval=(5, 9), **{**kw, "guidance_scale": 1})
 
 
 @pytest.mark.parametrize(

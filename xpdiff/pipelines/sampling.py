@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,7 +60,8 @@ def generate(
             (Kynkaanniemi et al., 2024, "Applying guidance in a limited interval"): guidance
             at the noisiest steps narrows the variety of the samples, and near t = 0 it only
             sharpens what is already decided.  None: guide at every step.  Steps outside
-            the interval cost half as much.
+            the interval cost half as much.  Warns (``UserWarning``) when guidance is on
+            and the interval holds none of the sampled timesteps (no step is guided).
         eta: DDIM noise weight (ignored by DDPM).
         seed: seed of the initial noise and of the per-step noise.
         size: output (H, W); defaults to the model's ``sample_size``.
@@ -109,6 +111,8 @@ def generate(
     x = gen.normal((B, model.config["in_channels"], H, W), dtype=model.dtype)
     scheduler.set_timesteps(num_inference_steps)
     timesteps = [int(t) for t in scheduler.timesteps]
+    if guidance_scale != 1.0:
+        _warn_if_unguided(interval, timesteps)
     # 2. the (guided) noise prediction, 3. the reverse process
     predict = _predictor(model, labels, guidance_scale, null_class, max_batch, interval)
     trajectory = [backend.to_numpy(x)] if return_trajectory else []
@@ -175,6 +179,26 @@ def _check_interval(interval: Any, scheduler: Any) -> tuple[int, int] | None:
     T = int(getattr(scheduler, "config", {}).get("num_train_timesteps", 1000))
     hi = check_int(where, "guidance_interval[1]", interval[1], min=lo, max=T - 1)
     return lo, hi
+
+
+def _warn_if_unguided(interval: tuple[int, int] | None, timesteps: list[int]) -> None:
+    """Warn when ``interval`` holds none of ``timesteps``: guidance would apply nowhere."""
+    if interval is None:
+        return
+    lo, hi = interval
+    if any(lo <= t <= hi for t in timesteps):
+        return
+    below = max((t for t in timesteps if t < lo), default=None)
+    above = min((t for t in timesteps if t > hi), default=None)
+    nearest = " and ".join(
+        f"{t} {side}" for t, side in ((below, "below"), (above, "above")) if t is not None
+    )
+    warnings.warn(
+        f"generate: expected guidance_interval ({lo}, {hi}) to hold some of the "
+        f"{len(timesteps)} sampled timesteps, got none (the nearest: {nearest}); no step is "
+        f"guided: widen the interval, or pass None to guide every step",
+        stacklevel=3,
+    )
 
 
 def _image_size(model: UNet2DModel, size: int | tuple[int, ...] | None) -> tuple[int, int]:
