@@ -100,8 +100,15 @@ def test_export_readme_guides_in_the_run_interval_with_its_eta(tmp_path):
     assert "eta=1.0, generator=gen" in readme
     code = readme.split("```python\n", 1)[1].split("```", 1)[0]
     compile(code, "README.md", "exec")
-    with pytest.raises(ValueError, match=r"guidance_interval to be a list of integers"):
-        export_pipeline(model, cfg.sampling_scheduler("ddim"), tmp_path / "p2", guidance_interval=5)
+    sched = cfg.sampling_scheduler("ddim")
+    with pytest.raises(
+        ValueError, match=r"export_pipeline: expected guidance_interval to be a pair"
+    ):
+        export_pipeline(model, sched, tmp_path / "p2", guidance_interval=5)
+    for bad in ((600, 0), (0, 1000), (-1, 5)):  # out of order, past T - 1, negative
+        with pytest.raises(ValueError, match=r"export_pipeline: .*guidance_interval\["):
+            export_pipeline(model, sched, tmp_path / "p3", guidance_interval=bad)
+    assert not (tmp_path / "p2").exists() and not (tmp_path / "p3").exists()  # nothing written
 
 
 def load_for_sampling_tiny(tmp_path):

@@ -8,9 +8,10 @@ import os
 from pathlib import Path
 
 from .. import io
-from .._validation import check_float, check_int_list
+from .._validation import check_float
 from ..models.unet_2d import UNet2DModel
 from ..schedulers import DDIMScheduler
+from .sampling import _check_interval
 
 __all__ = ["export_pipeline"]
 
@@ -42,13 +43,17 @@ def export_pipeline(
         The folder.
 
     Raises:
-        ValueError: ``save_directory`` is an existing file, or a scheduler that is not DDIM.
+        ValueError: ``save_directory`` is an existing file, a scheduler that is not DDIM,
+            eta < 0, or a ``guidance_interval`` that is not ``0 <= t_low <= t_high < T``
+            (checked before anything is written).
     """
     if not isinstance(scheduler, DDIMScheduler):
         raise ValueError(
             f"export_pipeline: expected a DDIMScheduler (the sampling scheduler), "
             f"got {type(scheduler).__name__}"
         )
+    eta = check_float("export_pipeline", "eta", eta, min=0.0)
+    guidance_interval = _check_interval(guidance_interval, scheduler, "export_pipeline")
     out = Path(save_directory)
     if out.is_file():
         raise ValueError(f"export_pipeline: expected a directory, got the file {out}")
@@ -62,10 +67,6 @@ def export_pipeline(
         },
         out / "model_index.json",
     )
-    eta = check_float("export_pipeline", "eta", eta, min=0.0)
-    if guidance_interval is not None:
-        lo, hi = check_int_list("export_pipeline", "guidance_interval", guidance_interval, length=2)
-        guidance_interval = (lo, hi)
     text = _readme(
         model, scheduler, null_class, guidance_scale, num_inference_steps, eta, guidance_interval
     )

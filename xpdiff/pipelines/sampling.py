@@ -165,11 +165,12 @@ def _check_guidance(
         raise ValueError(f"generate: null_class must be in [0, {n_classes}), got {null_class}")
 
 
-def _check_interval(interval: Any, scheduler: Any) -> tuple[int, int] | None:
+def _check_interval(
+    interval: Any, scheduler: Any, where: str = "generate"
+) -> tuple[int, int] | None:
     """``guidance_interval`` as a pair of ints ``0 <= t_low <= t_high < T`` (or None)."""
     if interval is None:
         return None
-    where = "generate"
     if not isinstance(interval, (tuple, list)) or len(interval) != 2:
         raise ArgumentTypeError(
             f"{where}: expected guidance_interval to be a pair (t_low, t_high) or None, "
