@@ -274,9 +274,15 @@ def test_console_script_exit_status_and_single_line():
     assert proc.stderr == ("error: xpdiff train: expected --steps to be an integer >= 1, got 0\n")
 
 
-def test_resume_without_a_checkpoint_says_it_starts_anew(files, tmp_path, capsys):
+def _tiny_config(files, tmp_path, max_steps):
+    """The good test config, stopped after ``max_steps`` steps, as a file."""
     cfg = tmp_path / "tiny.json"
-    cfg.write_text(json.dumps({**json.loads(open(files["good"]).read()), "max_steps": 1}))
+    cfg.write_text(json.dumps({**json.loads(open(files["good"]).read()), "max_steps": max_steps}))
+    return cfg
+
+
+def test_resume_without_a_checkpoint_says_it_starts_anew(files, tmp_path, capsys):
+    cfg = _tiny_config(files, tmp_path, max_steps=1)
     run = tmp_path / "fresh"
     argv = ["train", "--config", str(cfg), "--out", str(run), "--resume"]
     assert main([*argv, "--no-progress", "--no-samples"]) == 0
@@ -285,8 +291,7 @@ def test_resume_without_a_checkpoint_says_it_starts_anew(files, tmp_path, capsys
 
 
 def test_resume_of_a_complete_run_says_so(files, tmp_path, capsys):
-    cfg = tmp_path / "tiny.json"
-    cfg.write_text(json.dumps({**json.loads(open(files["good"]).read()), "max_steps": 2}))
+    cfg = _tiny_config(files, tmp_path, max_steps=2)
     run = tmp_path / "done"
     argv = ["train", "--config", str(cfg), "--out", str(run), "--no-progress", "--no-samples"]
     assert main(argv) == 0
@@ -307,8 +312,7 @@ def test_eta_with_a_sampler_that_ignores_it_is_warned(files, capsys, tmp_path):
 
 
 def test_sample_steps_flag_is_saved_with_the_run(files, tmp_path, capsys):
-    cfg = tmp_path / "tiny.json"
-    cfg.write_text(json.dumps({**json.loads(open(files["good"]).read()), "max_steps": 1}))
+    cfg = _tiny_config(files, tmp_path, max_steps=1)
     run = tmp_path / "steps"
     argv = ["train", "--config", str(cfg), "--out", str(run), "--no-progress"]
     assert main([*argv, "--sample-steps", "3"]) == 0

@@ -10,18 +10,20 @@ from typing import Any
 
 SECTIONS = ("train", "infer", "memory", "layers", "gemm", "sample")
 
+_SEED14 = {
+    "sample_size": 14,
+    "in_channels": 1,
+    "out_channels": 1,
+    "block_out_channels": [32, 64],
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "num_class_embeds": 10,
+}
+
 CONFIGS: dict[str, dict] = {
-    "seed14": {
-        "sample_size": 14,
-        "in_channels": 1,
-        "out_channels": 1,
-        "block_out_channels": [32, 64],
-        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-        "layers_per_block": 2,
-        "norm_num_groups": 32,
-        "num_class_embeds": 10,
-    },
+    "seed14": _SEED14,
     "mnist28": {
         "sample_size": 28,
         "in_channels": 1,
@@ -36,12 +38,7 @@ CONFIGS: dict[str, dict] = {
     # The 14x14 recipe's UNet until 2026-11-30 (`xpdiff train` now trains [16, 32]); kept
     # fixed so that this config's numbers stay comparable across RESULTS.md.
     "flagship": {
-        "sample_size": 14,
-        "in_channels": 1,
-        "out_channels": 1,
-        "block_out_channels": [32, 64],
-        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+        **_SEED14,
         "layers_per_block": 1,
         "norm_num_groups": 8,
         "attention_head_dim": 16,
