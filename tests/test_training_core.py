@@ -196,3 +196,22 @@ def test_the_core_trainer_loads_nothing_of_the_digits_application():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_offset_noise_adds_one_level_per_sample_and_channel(tmp_path):
+    """offset_noise > 0 shifts each sample's noise by a constant per channel (drawn after
+    everything else, so timesteps and label dropout keep their stream); 0 changes nothing."""
+    labels = np.arange(20) % 3
+    plain = trainer(tmp_path / "a", labels=labels)
+    shifted = trainer(tmp_path / "b", labels=labels, offset_noise=0.5)
+    t0, n0, d0 = plain._draw(0, 8, (3, 8, 8), labels[:8])
+    t1, n1, d1 = shifted._draw(0, 8, (3, 8, 8), labels[:8])
+    np.testing.assert_array_equal(np.asarray(t0), np.asarray(t1))
+    np.testing.assert_array_equal(np.asarray(d0), np.asarray(d1))
+    diff = np.asarray(n1) - np.asarray(n0)
+    assert diff.shape == (8, 3, 8, 8)
+    level = diff[:, :, :1, :1]
+    np.testing.assert_allclose(diff, np.broadcast_to(level, diff.shape), atol=1e-6)
+    assert 0.2 < float(np.std(level)) < 1.0  # 0.5 times a standard normal, 24 draws
+    with pytest.raises(ValueError, match=r"offset_noise.*>= 0"):
+        TrainingSettings(offset_noise=-0.1).validate()

@@ -91,6 +91,12 @@ class TrainingSettings:
     # stops the nearly clean timesteps from dominating the gradient.  None: plain MSE.
     snr_gamma: float | None = None
     label_dropout: float = 0.1  # fraction of labels replaced by the null class (CFG)
+    # Offset noise (Guttenberg, 2023, "Diffusion with offset noise"): each training sample's
+    # noise gains one standard-normal draw per channel, times offset_noise, on every pixel,
+    # so the model learns to remove a uniform error of an image's level instead of keeping
+    # it (README: the per-image grey backgrounds).  0: the plain DDPM forward process and
+    # the noise stream of earlier runs.  Sampling is unchanged.
+    offset_noise: float = 0.0
     seed: int = 0  # data order: seed + 1; noise, timesteps, label dropout: seed + 2
     checkpoint_every: int = 200
     keep_checkpoints: int = 2  # 0: keep all
@@ -123,6 +129,7 @@ class TrainingSettings:
         v.check_float(where, "ema_decay", self.ema_decay, min=0.0, max=1.0)
         v.check_float(where, "snr_gamma", self.snr_gamma, min=0.0, min_open=True, none=True)
         v.check_float(where, "label_dropout", self.label_dropout, min=0.0, max=1.0, max_open=True)
+        v.check_float(where, "offset_noise", self.offset_noise, min=0.0)
         v.check_int(where, "seed", self.seed, min=0)
         v.check_int(where, "checkpoint_every", self.checkpoint_every, min=1)
         v.check_int(where, "keep_checkpoints", self.keep_checkpoints, min=0)
@@ -469,11 +476,18 @@ class Trainer:
 
     def _draw(self, shard: int, m: int, sample_shape: tuple, labels: Any) -> tuple:
         """Shard ``shard``'s timesteps (m,), noise (m, *sample_shape) and, with labels, label
-        dropout mask (m,), from its own generator, in that order."""
+        dropout mask (m,), from its own generator, in that order; with ``offset_noise`` > 0
+        a last draw of shape (m, C, 1, 1), scaled by it, is added to the noise."""
         rng = self.noise_rngs[shard - self.local_shards.start]
         t = rng.integers(0, self.noise_scheduler.config["num_train_timesteps"], (m,))
         noise = rng.normal((m, *sample_shape), dtype=self.dtype)
         drop = None if labels is None else rng.uniform((m,)) < self.settings.label_dropout
+        offset = self.settings.offset_noise
+        if offset > 0:
+            level = rng.normal(
+                (m, sample_shape[0], *(1,) * (len(sample_shape) - 1)), dtype=self.dtype
+            )
+            noise = noise + offset * level
         return t, noise, drop
 
     def train(self, until: int | None = None) -> dict:
