@@ -43,7 +43,7 @@ class TrainConfig(training.TrainingSettings):
     """
 
     # optimisation: the recipe's own defaults
-    epochs: int = 26  # 1,846 steps: 5 min 41 s with the final grid (2 cores, 2026-11-30)
+    epochs: int = 26  # 1,846 steps: 5 min 36 s with the final grid (2 cores, 2026-11-30)
     # Offset noise 0.1 (TrainingSettings.offset_noise): on a 26-epoch [16, 32] run it took
     # the background from 1.25x / 1.30x real to 1.18x / 1.24x (500 samples, sampling seeds
     # 0 / 1) at 99.6% / 99.8% accuracy; measured at 14x14 only (examples/mnist28.json sets 0).
@@ -86,10 +86,10 @@ class TrainConfig(training.TrainingSettings):
     # 40% of the steps too narrowed the samples: on the 18-epoch default run (200 samples,
     # guidance 2.0, eta 1) the Frechet distance over its floor was 3.74 guiding every step,
     # 2.75 at t <= 600 (accuracy 100% both) and 2.35 without guidance (93.5%).  On the
-    # [16, 32] default (500 samples, sampling seeds 0 and 1, xpdiff's / the independent
-    # judge's accuracy): t <= 600 scored 99.0, 99.8 / 99.8, 99.2% at Frechet distance /
-    # floor 2.0-2.25; t <= 500 scored 99.2, 99.2 / 99.6, 98.6% at 1.8-2.0.  t <= 600 keeps
-    # the accuracy target on every count.
+    # [16, 32] default without offset noise (500 samples, sampling seeds 0 and 1, xpdiff's
+    # / the independent judge's accuracy): t <= 600 scored 99.0, 99.8 / 99.8, 99.2% at
+    # Frechet distance / floor 2.0-2.25; t <= 500 scored 99.2, 99.2 / 99.6, 98.6% at
+    # 1.8-2.0.  t <= 600 keeps the accuracy target on every count.
     guidance_interval: list[int] | None = field(default_factory=lambda: [0, 600])
     # Clip the predicted x_0 to [-1, 1] while sampling.  Off: near t = T the x_0 estimate
     # (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) divides by sqrt(alpha_bar) ~ 0.016
