@@ -142,7 +142,8 @@ BAD = [
     ("sample {run} --guidance-interval 5", r"--guidance-interval: expected 2 arguments"),
     (
         "sample {run} --guidance-interval 0 5000",
-        r"guidance_interval\[1\] to be an integer >= 0 and <= 999",
+        r"^error: xpdiff: expected --guidance-interval T_HIGH to be an integer >= 0 and <= 999, "
+        r"got 5000",
     ),
     ("sample {run} --scheduler euler", r"argument --scheduler: invalid choice: 'euler'"),
     # evaluate

@@ -174,6 +174,9 @@ def _generate_digits(
     """
     from ..pipelines import generate
 
+    if interval is not None:  # the run's T bounds it; the flag's own checks ran at parsing
+        last = cfg.num_train_timesteps - 1
+        check_int("xpdiff", "--guidance-interval T_HIGH", interval[1], min=interval[0], max=last)
     used = {
         "steps": _steps_of(cfg, scheduler_name) if steps is None else steps,
         "guidance": cfg.guidance_scale if guidance is None else guidance,

@@ -197,7 +197,8 @@ def _warn_if_unguided(interval: tuple[int, int] | None, timesteps: list[int]) ->
     warnings.warn(
         f"generate: expected guidance_interval ({lo}, {hi}) to hold some of the "
         f"{len(timesteps)} sampled timesteps, got none (the nearest: {nearest}); no step is "
-        f"guided: widen the interval, or pass None to guide every step",
+        f"guided: widen the interval, or guide every step (guidance_interval=None; "
+        f"--guidance-interval 0 999 on the command line)",
         stacklevel=3,
     )
 
