@@ -314,3 +314,12 @@ def test_kill_9_loses_only_the_steps_since_the_last_checkpoint(tmp_path):
     a = io.load_safetensors(run / "checkpoint-0000040" / "unet" / io.WEIGHTS_NAME)
     b = io.load_safetensors(whole / "checkpoint-0000040" / "unet" / io.WEIGHTS_NAME)
     assert all(np.array_equal(a[k], b[k]) for k in b)
+
+
+def test_a_run_recorded_before_offset_noise_parses_as_trained_without_it(tmp_path):
+    record = TrainConfig().to_json()
+    del record["offset_noise"]  # a checkpoint written before the setting existed
+    parse = Trainer.parse_run_config
+    assert parse(None, record, "old")["offset_noise"] == 0.0
+    assert parse(None, {**record, "offset_noise": 0.1}, "new")["offset_noise"] == 0.1
+    assert TrainConfig.from_json({}, "a config file").offset_noise == 0.1  # recipe default

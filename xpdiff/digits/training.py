@@ -287,6 +287,8 @@ class Trainer(training.Trainer):
         return self.labels
 
     def parse_run_config(self, record: Any, where: str) -> dict:
+        if isinstance(record, dict):  # recorded before the field existed: trained without it
+            record = {"offset_noise": 0.0, **record}
         return TrainConfig.from_json(record, where).to_json()
 
 
