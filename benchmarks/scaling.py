@@ -42,8 +42,8 @@ def _config(name: str, batch_size: int | None):
     from xpdiff.digits.training import TrainConfig
 
     source = CONFIGS[name]
-    if isinstance(source, dict):
-        cfg = TrainConfig.from_json({**TrainConfig().to_json(), **source}, name)
+    if isinstance(source, dict):  # fields left out keep TrainConfig's defaults
+        cfg = TrainConfig.from_json(source, name)
     else:
         cfg = TrainConfig.from_json(io.load_json(source), str(source))
     if batch_size is not None:

@@ -316,7 +316,7 @@ def test_kill_9_loses_only_the_steps_since_the_last_checkpoint(tmp_path):
     assert all(np.array_equal(a[k], b[k]) for k in b)
 
 
-def test_a_run_recorded_before_offset_noise_parses_as_trained_without_it(tmp_path):
+def test_a_run_recorded_before_offset_noise_parses_as_trained_without_it():
     record = TrainConfig().to_json()
     del record["offset_noise"]  # a checkpoint written before the setting existed
     parse = Trainer.parse_run_config
