@@ -13,7 +13,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .. import __version__
 from .._validation import check_float, check_int
@@ -195,7 +195,8 @@ def _generate_digits(
         eta=used["eta"],
         guidance_interval=used["guidance_interval"],
         return_trajectory=return_trajectory,
-        progress=progress,
+        # a bar redrawn with carriage returns only garbles a log file: terminals only
+        progress=progress and sys.stderr.isatty(),
     )
     used["seconds"] = time.perf_counter() - t0
     return res, used
@@ -408,6 +409,14 @@ def _check_flags(args: argparse.Namespace) -> None:
         check_int(where, "--guidance-interval T_HIGH", interval[1], min=interval[0])
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, as every other user error is
+    (argparse's own print the whole usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .training import TrainConfig
 
@@ -419,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="show the full traceback of an error (also: XPDIFF_DEBUG=1)",
     )
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="xpdiff", description=__doc__, formatter_class=fmt, parents=[common]
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
