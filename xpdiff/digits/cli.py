@@ -428,9 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="show the full traceback of an error (also: XPDIFF_DEBUG=1)",
     )
-    p = _Parser(
-        prog="xpdiff", description=__doc__, formatter_class=fmt, parents=[common]
-    )
+    p = _Parser(prog="xpdiff", description=__doc__, formatter_class=fmt, parents=[common])
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     backends = ("numpy", "cupy")
