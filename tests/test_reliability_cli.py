@@ -312,6 +312,16 @@ def test_eta_with_a_sampler_that_ignores_it_is_warned(files, capsys, tmp_path):
     assert "--eta" not in capsys.readouterr().err
 
 
+def test_sampling_bar_only_on_a_terminal(files, capsys, monkeypatch, tmp_path):
+    argv = ["sample", files["run"], "--steps", "2", "--per-digit", "1"]
+    argv += ["--out", str(tmp_path / "g.png")]
+    assert main(argv) == 0  # stderr captured: not a terminal, so no carriage-return bar
+    assert "sampling" not in capsys.readouterr().err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(argv) == 0
+    assert "sampling" in capsys.readouterr().err
+
+
 def test_sample_steps_flag_is_saved_with_the_run(files, tmp_path, capsys):
     cfg = _tiny_config(files, tmp_path, max_steps=1)
     run = tmp_path / "steps"
