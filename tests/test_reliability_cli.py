@@ -121,11 +121,7 @@ BAD = [
     ("sample {root}/nothing", r"found neither at .*nothing"),
     ("sample {run} --per-digit 0", r"--per-digit to be an integer >= 1, got 0"),
     ("sample {run} --steps 0", r"--steps to be an integer >= 1, got 0"),
-    (
-        "sample {run} --steps 5000",
-        r"num_inference_steps to be an integer >= 1 and "
-        r"<= 1000, got 5000",
-    ),
+    ("sample {run} --steps 5000", r"--steps to be an integer >= 1 and <= 1000, got 5000"),
     ("sample {run} --guidance nan", r"--guidance to be a finite number >= 0.0, got nan"),
     ("sample {run} --guidance=-inf", r"--guidance to be a finite number >= 0.0, got -inf"),
     ("sample {run} --seed -1", r"--seed to be an integer >= 0, got -1"),
@@ -320,6 +316,18 @@ def test_sampling_bar_only_on_a_terminal(files, capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert main(argv) == 0
     assert "sampling" in capsys.readouterr().err
+
+
+def test_evaluate_checks_the_run_bounds_before_the_classifier(files, capsys, monkeypatch):
+    from xpdiff.digits import classifier
+
+    def never(*args, **kwargs):
+        raise AssertionError("the classifier was loaded before the flags were checked")
+
+    monkeypatch.setattr(classifier, "load_or_train_classifier", never)
+    assert main(["evaluate", files["run"], "--guidance-interval", "0", "100000"]) == 2
+    err = capsys.readouterr().err
+    assert "--guidance-interval T_HIGH to be an integer >= 0 and <= " in err, err
 
 
 def test_sample_steps_flag_is_saved_with_the_run(files, tmp_path, capsys):

@@ -152,6 +152,16 @@ def _write_samples(
         print(f"wrote {gif}")
 
 
+def _check_run_bounds(cfg: Any, steps: int | None, interval: list[int] | None) -> None:
+    """The run's T bounds ``--steps`` and ``--guidance-interval`` T_HIGH (their own checks ran
+    at parsing); raises ValueError naming the flag."""
+    T = cfg.num_train_timesteps
+    if steps is not None:
+        check_int("xpdiff", "--steps", steps, min=1, max=T)
+    if interval is not None:
+        check_int("xpdiff", "--guidance-interval T_HIGH", interval[1], min=interval[0], max=T - 1)
+
+
 def _generate_digits(
     model: Any,
     cfg: Any,
@@ -174,9 +184,7 @@ def _generate_digits(
     """
     from ..pipelines import generate
 
-    if interval is not None:  # the run's T bounds it; the flag's own checks ran at parsing
-        last = cfg.num_train_timesteps - 1
-        check_int("xpdiff", "--guidance-interval T_HIGH", interval[1], min=interval[0], max=last)
+    _check_run_bounds(cfg, steps, interval)
     used = {
         "steps": _steps_of(cfg, scheduler_name) if steps is None else steps,
         "guidance": cfg.guidance_scale if guidance is None else guidance,
@@ -253,6 +261,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .training import load_for_sampling
 
     model, cfg = load_for_sampling(args.checkpoint, args.backend)
+    _check_run_bounds(cfg, args.steps, args.guidance_interval)  # before the classifier's training
     clf = load_or_train_classifier(cfg.size, data_path=cfg.data)
     labels = [d for d in range(data.NUM_CLASSES) for _ in range(args.per_digit)]
     res, used = _generate_digits(
@@ -354,9 +363,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows ``(default: X)`` after every flag that has a default (not None, not a switch)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (
-            action.help or ""
-        ):
+        # identity, not ==: a default of 0 (--seed) equals False
+        hidden = action.default is None or action.default is False
+        if hidden or action.default is argparse.SUPPRESS or "%(default)" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
 
