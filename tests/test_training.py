@@ -193,8 +193,11 @@ def test_config_validation():
         tiny(snr_gamma=0).validate()
     with pytest.raises(ValueError, match="expected size to be one of 14, 28, got 20"):
         tiny(size=20).validate()
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="unknown keys") as info:
         TrainConfig.from_json({"learning_rate": 1})
+    assert "did you mean" not in str(info.value)  # nothing close enough to suggest
+    with pytest.raises(ValueError, match=r"\(did you mean 'epoch' -> 'epochs'\?\)"):
+        TrainConfig.from_json({"epoch": 3})
 
 
 def test_cli_train_sample_evaluate_figure(tmp_path, capsys):

@@ -11,6 +11,7 @@ draws ``samples.png``, a digit grid, into the run directory at the end.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,8 +177,11 @@ class TrainConfig(training.TrainingSettings):
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
+            close = {k: difflib.get_close_matches(k, known, n=1, cutoff=0.6) for k in unknown}
+            hints = [f"{k!r} -> {c[0]!r}" for k, c in close.items() if c]
+            hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
             raise ValueError(
-                f"{where}: unknown keys {unknown}; expected a subset of {sorted(known)}"
+                f"{where}: unknown keys {unknown}{hint}; expected a subset of {sorted(known)}"
             )
         cfg = cls(**d)
         cfg.validate(where)
