@@ -121,6 +121,10 @@ BAD = [
     ("sample {root}/nothing", r"found neither at .*nothing"),
     ("sample {run} --per-digit 0", r"--per-digit to be an integer >= 1, got 0"),
     ("sample {run} --steps 0", r"--steps to be an integer >= 1, got 0"),
+    (
+        "sample {run} --bogus",
+        r"^xpdiff sample: error: unrecognized arguments: --bogus \(see xpdiff sample --help\)$",
+    ),
     ("sample {run} --steps 5000", r"--steps to be an integer >= 1 and <= 1000, got 5000"),
     ("sample {run} --guidance nan", r"--guidance to be a finite number >= 0.0, got nan"),
     ("sample {run} --guidance=-inf", r"--guidance to be a finite number >= 0.0, got -inf"),

@@ -425,6 +425,15 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:
+        # a stray argument is reported by the command it followed, naming that command's help
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:
+            commands = getattr(self, "commands", {})  # set on the top-level parser
+            parser = commands.get(getattr(ns, "command", None), self)
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return ns
+
 
 def build_parser() -> argparse.ArgumentParser:
     from .training import TrainConfig
@@ -440,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="xpdiff", description=__doc__, formatter_class=fmt, parents=[common])
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    p.commands = sub.choices
     backends = ("numpy", "cupy")
 
     t = sub.add_parser(
