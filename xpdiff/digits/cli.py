@@ -120,6 +120,7 @@ def _write_samples(
     from .training import load_for_sampling
 
     model, cfg = load_for_sampling(ckpt, backend_name)
+    _check_run_bounds(cfg, steps, interval)
     labels = [d for d in range(NUM_CLASSES) for _ in range(per_digit)]
     res, used = _generate_digits(
         model,
@@ -177,14 +178,14 @@ def _generate_digits(
     return_trajectory: bool = False,
 ) -> tuple[Any, dict]:
     """Sample ``labels`` with the run's sampler; a setting left None is the run's own (its
-    ``sample_steps``, ``guidance_scale``, ``eta``, ``guidance_interval``).
+    ``sample_steps``, ``guidance_scale``, ``eta``, ``guidance_interval``).  Callers check
+    ``steps`` and ``interval`` against the run first (:func:`_check_run_bounds`).
 
     Returns the ``SampleResult`` and the settings used (``steps``, ``guidance``, ``eta``,
     ``guidance_interval``) with the ``seconds`` sampling took.
     """
     from ..pipelines import generate
 
-    _check_run_bounds(cfg, steps, interval)
     used = {
         "steps": _steps_of(cfg, scheduler_name) if steps is None else steps,
         "guidance": cfg.guidance_scale if guidance is None else guidance,
